@@ -1,0 +1,56 @@
+"""The public surface (DESIGN §4): convert, parse, load, build."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import ItnetError
+from .frontend.export import export_model
+from .ir.bundle import load as _load
+from .ir.core import Program
+from .ir.parser import parse as _parse
+from .ir.verify import verify
+from .passes import pipeline
+
+
+def convert(
+    model: torch.nn.Module,
+    args: Sequence[object] | object,
+    kwargs: Mapping[str, object] | None = None,
+    dynamic_shapes: object = None,
+) -> Program:
+    """Export ``model`` on example inputs and return its integral-transform IR (lowerings still ``auto``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ItnetError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, (tuple, list)):
+        args = (args,)
+    prog = export_model(model, args, kwargs, dynamic_shapes)
+    return pipeline.recognise(prog)
+
+
+def parse(text: str) -> Program:
+    prog = _parse(text)
+    verify(prog)
+    return prog
+
+
+def load(path: str | Path) -> Program:
+    return _load(path)
+
+
+def plan_program(prog: Program, plan: dict[str, str] | str | Path | None = None) -> Program:
+    """A copy of ``prog`` with the plan applied and every ``auto`` lowering resolved."""
+    return pipeline.run_steps(prog.clone(), pipeline.plan_steps(plan))
+
+
+def build(prog: Program, backend: str = "torch", plan: dict[str, str] | str | Path | None = None) -> torch.nn.Module:
+    """Compile a program into a ``torch.nn.Module`` that is called like the source model."""
+    planned = plan_program(prog, plan)
+    if backend == "torch":
+        from .backends.torch.codegen import build_torch
+
+        return build_torch(planned)
+    raise ItnetError(f"unknown backend {backend!r}; available: torch")

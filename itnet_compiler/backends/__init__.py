@@ -1,0 +1,1 @@
+"""Backends: Program -> runnable module or artefact."""

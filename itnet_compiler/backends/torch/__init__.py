@@ -1,0 +1,1 @@
+"""Torch backend: FX code generation and the torch lowerings."""

@@ -1,0 +1,172 @@
+"""Torch backend: a Program becomes a ``torch.fx.GraphModule`` (generated Python, no per-node dispatch at run time).
+
+Generic nodes call their ATen op; ``it.transform`` nodes call the torch implementation of their (family, lowering)
+with static options baked into the generated code. Weights keep their state-dict keys as module attributes, so
+``state_dict()`` of the built module matches the source model's. ``ItnetModule`` restores the original call and
+output structure and checks input shapes against the program's (symbolic) types.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ...errors import ItnetError
+from ...ir import treespec
+from ...ir.core import Program, Value
+from ...ir.ops import resolve_op
+from ...ir.types import DTYPE_NAMES, TensorType
+from .lowerings import implementation
+
+
+def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) -> None:
+    *path, name = key.split(".")
+    mod = root
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    if kind == "param":
+        mod.register_parameter(name, torch.nn.Parameter(tensor.clone(), requires_grad=tensor.is_floating_point()))
+    else:
+        mod.register_buffer(name, tensor.clone(), persistent=kind == "buffer")
+
+
+def generate(prog: Program) -> fx.GraphModule:
+    root = torch.nn.Module()
+    g = fx.Graph()
+    env: dict[int, fx.Node] = {}
+    for v in prog.inputs:
+        env[id(v)] = g.placeholder(v.name)
+    for w in prog.weights:
+        if w.key not in prog.tensors:
+            raise ItnetError(f"no tensor for weight '{w.key}'; load the program from its bundle")
+        _set_attr(root, w.key, prog.tensors[w.key], w.kind)
+        env[id(w.value)] = g.get_attr(w.key)
+
+    def arg(a: object) -> object:
+        if isinstance(a, Value):
+            return env[id(a)]
+        if isinstance(a, list):
+            return [arg(x) for x in a]
+        return a
+
+    for node in prog.nodes:
+        if node.is_transform:
+            impl, static = implementation(node)
+            roles = [r.rstrip("?") for r in node.attrs.roles]
+            while roles and roles[-1] not in node.kwargs:
+                roles.pop()
+            args = tuple(arg(node.kwargs.get(r)) for r in roles)
+            call = g.create_node("call_function", impl, args, static, name=node.outputs[0].name)
+        else:
+            try:
+                fn = resolve_op(node.op)
+            except ValueError:
+                raise ItnetError(f"unknown op `{node.op}`; it cannot be run", layer=node.layer or None) from None
+            kwargs = {k: arg(v) for k, v in node.kwargs.items()}
+            name = node.outputs[0].name if node.outputs else None
+            call = g.create_node("call_function", fn, tuple(arg(a) for a in node.args), kwargs, name=name)
+        if len(node.outputs) == 1 and not _returns_list(node):
+            env[id(node.outputs[0])] = call
+        else:
+            for i, v in enumerate(node.outputs):
+                env[id(v)] = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
+    g.output(tuple(arg(a) for a in prog.outputs))
+    gm = fx.GraphModule(root, g, class_name="ItnetGenerated")
+    gm.graph.lint()
+    return gm
+
+
+def _returns_list(node) -> bool:
+    if node.is_transform:
+        return len(node.outputs) > 1
+    fn = resolve_op(node.op)
+    if not isinstance(fn, torch._ops.OpOverload):
+        return False
+    rets = fn._schema.returns
+    return len(rets) > 1 or (len(rets) == 1 and str(rets[0].type).endswith("[]"))
+
+
+class ItnetModule(torch.nn.Module):
+    """The built model: same call signature and output structure as the source model."""
+
+    def __init__(self, prog: Program, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        self.program = prog
+        self._in_spec = treespec.from_json(prog.in_spec) if prog.in_spec is not None else None
+        self._out_spec = treespec.from_json(prog.out_spec) if prog.out_spec is not None else None
+        self._kw_order = _kwarg_order(prog.in_spec)
+        self._checks = [(v.name, v.type) for v in prog.inputs]
+        self._ranges = {k: tuple(r) for k, r in prog.symbols.items()}
+
+    @property
+    def code(self) -> str:
+        return self.gm.code
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        if self._kw_order is not None:
+            extra = set(kwargs) - set(self._kw_order)
+            if extra:
+                raise ItnetError(f"unexpected keyword input(s) {sorted(extra)}; the program takes {self._kw_order}")
+            kwargs = {k: kwargs[k] for k in self._kw_order if k in kwargs}
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if self._in_spec is not None and spec != self._in_spec:
+            raise ItnetError(
+                f"inputs have structure {spec} but the program was converted for {self._in_spec}; "
+                "pass the same arguments as at conversion"
+            )
+        self._check(flat)
+        out = self.gm(*flat)
+        return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
+
+    def _check(self, flat: list[object]) -> None:
+        if len(flat) != len(self._checks):
+            raise ItnetError(f"expected {len(self._checks)} inputs, got {len(flat)}")
+        bound: dict[sympy.Symbol, int] = {}
+        for x, (name, t) in zip(flat, self._checks, strict=True):
+            if not isinstance(t, TensorType):
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise ItnetError(f"input '{name}' must be a tensor of type {t}, got {type(x).__name__}")
+            if x.dtype != t.dtype or x.dim() != t.rank or not _dims_ok(x.shape, t.shape, bound, self._ranges):
+                raise ItnetError(
+                    f"input '{name}' is {DTYPE_NAMES.get(x.dtype, x.dtype)}{list(x.shape)} but the program expects {t}"
+                    f"{_range_text(t, self._ranges)}; convert again with this shape or mark the dimension dynamic"
+                )
+
+
+def _dims_ok(shape, dims, bound: dict, ranges: dict) -> bool:
+    for n, d in zip(shape, dims, strict=True):
+        if d.is_Integer:
+            if int(d) != n:
+                return False
+        elif isinstance(d, sympy.Symbol):
+            if bound.setdefault(d, n) != n:
+                return False
+            lo, hi = ranges.get(d.name, (0, None))
+            if n < lo or (hi is not None and n > hi):
+                return False
+    return True
+
+
+def _range_text(t: TensorType, ranges: dict) -> str:
+    syms = sorted({s.name for d in t.shape for s in d.free_symbols})
+    parts = [f"{s} in [{ranges[s][0]}, {ranges[s][1] if ranges[s][1] is not None else 'inf'}]" for s in syms if s in ranges]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _kwarg_order(in_spec: object) -> list[str] | None:
+    if not isinstance(in_spec, dict) or len(in_spec.get("children", [])) != 2:
+        return None
+    kw = in_spec["children"][1]
+    return list(kw.get("context") or []) if isinstance(kw, dict) else None
+
+
+def build_torch(prog: Program) -> ItnetModule:
+    return ItnetModule(prog, generate(prog))

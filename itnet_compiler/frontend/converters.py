@@ -1,0 +1,174 @@
+"""Module converters: capture a whole module as IR nodes the converter writes, instead of tracing through it.
+
+Some layers are best seen whole (an LSTM, a Mamba mixer, a user's own block). ``register_converter(cls)`` registers
+``fn(ctx, module, *inputs) -> Value | list[Value]`` for a module class. During export such a module's forward is
+replaced by one opaque op ``itnet::capture`` (its output shapes come from running the original forward on fake
+tensors), and the importer then asks the converter to emit the nodes for it. Inputs arrive as IR Values in the order
+of the module call's flattened tensor arguments; the converter must return the flattened outputs in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..errors import ItnetError
+from ..ir.core import Node, Value
+from ..ir.families import FamilyAttrs
+from ..ir.types import Type
+
+Converter = Callable[..., object]
+_REGISTRY: dict[type, Converter] = {}
+_ACTIVE: dict[str, _Capture] = {}
+_COUNTER = itertools.count()
+
+
+def register_converter(cls: type[torch.nn.Module]) -> Callable[[Converter], Converter]:
+    """Decorator: ``@register_converter(MyBlock)`` over ``def convert(ctx, module, *inputs)``."""
+
+    def deco(fn: Converter) -> Converter:
+        _REGISTRY[cls] = fn
+        return fn
+
+    return deco
+
+
+def unregister_converter(cls: type[torch.nn.Module]) -> None:
+    _REGISTRY.pop(cls, None)
+
+
+def converter_for(module: torch.nn.Module) -> Converter | None:
+    for klass in type(module).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    return None
+
+
+@dataclass
+class _Capture:
+    module: torch.nn.Module
+    path: str
+    forward: Callable[..., object]
+    converter: Converter
+    in_spec: object = None
+    leaves: list[object] = field(default_factory=list)
+    out_spec: object = None
+
+
+@torch.library.custom_op("itnet::capture", mutates_args=())
+def _capture_op(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    return _run_original(tensors, key)
+
+
+@_capture_op.register_fake
+def _(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    return _run_original(tensors, key)
+
+
+def _run_original(tensors: Sequence[torch.Tensor], key: str) -> list[torch.Tensor]:
+    cap = _ACTIVE[key]
+    it = iter(tensors)
+    leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in cap.leaves]
+    args, kwargs = pytree.tree_unflatten(leaves, cap.in_spec)
+    out = cap.forward(*args, **kwargs)
+    flat, cap.out_spec = pytree.tree_flatten(out)
+    bad = [type(x).__name__ for x in flat if not isinstance(x, torch.Tensor)]
+    if bad:
+        raise ItnetError(f"module converter capture returns non-tensor outputs ({bad}); return tensors only", layer=cap.path)
+    return [x.clone() if any(x is t for t in tensors) else x for x in flat]
+
+
+def is_capture_op(target: object) -> bool:
+    return target is torch.ops.itnet.capture.default
+
+
+@contextlib.contextmanager
+def capturing(model: torch.nn.Module) -> Iterator[dict[str, _Capture]]:
+    """Swap the forward of every module with a registered converter for the capture op, for one export."""
+    swapped: list[tuple[torch.nn.Module, str]] = []
+    mine: dict[str, _Capture] = {}
+    for path, mod in model.named_modules():
+        conv = converter_for(mod)
+        if conv is None or any(path.startswith(p + ".") for _, p in swapped if p):
+            continue
+        key = f"c{next(_COUNTER)}"
+        cap = _Capture(mod, path, mod.forward, conv)
+        mine[key] = _ACTIVE[key] = cap
+        mod.forward = _make_forward(key, cap)
+        swapped.append((mod, path))
+    try:
+        yield mine
+    finally:
+        for mod, _ in swapped:
+            del mod.forward
+        for key in mine:
+            _ACTIVE.pop(key, None)
+
+
+def _make_forward(key: str, cap: _Capture) -> Callable[..., object]:
+    def forward(*args: object, **kwargs: object) -> object:
+        leaves, cap.in_spec = pytree.tree_flatten((args, kwargs))
+        cap.leaves = list(leaves)
+        outs = _capture_op([x for x in leaves if isinstance(x, torch.Tensor)], key)
+        return pytree.tree_unflatten(list(outs), cap.out_spec)
+
+    return forward
+
+
+class ConverterContext:
+    """What a converter may do: read weights of its module, emit generic ops and transforms, name output types."""
+
+    def __init__(self, importer: object, cap: _Capture, out_types: list[Type]):
+        self._imp = importer
+        self.cap = cap
+        self.layer = cap.path
+        self.output_types = out_types
+        self._n = itertools.count()
+
+    def weight(self, name: str) -> Value:
+        """The program value of the module's parameter or buffer ``name`` (e.g. ``weight_ih_l0``)."""
+        key = f"{self.layer}.{name}" if self.layer else name
+        for w in self._imp.prog.weights:
+            if w.key == key:
+                return w.value
+        raise ItnetError(f"module has no parameter or buffer '{name}' in the exported program", layer=self.layer)
+
+    def fresh(self, t: Type, hint: str = "v") -> Value:
+        base = self.layer.replace(".", "_") or "root"
+        return Value(f"{base}_{hint}{next(self._n)}", t)
+
+    def op(self, op: str, args: list[object], kwargs: dict[str, object] | None, out_types: list[Type]) -> list[Value]:
+        outs = [self.fresh(t) for t in out_types]
+        self._imp.prog.nodes.append(Node(op, list(args), dict(kwargs or {}), outs, None, self.layer))
+        return outs
+
+    def transform(self, attrs: FamilyAttrs, inputs: dict[str, Value], out_types: list[Type]) -> list[Value]:
+        outs = [self.fresh(t, "t") for t in out_types]
+        self._imp.prog.nodes.append(Node("it.transform", [], dict(inputs), outs, attrs, self.layer))
+        return outs
+
+
+def expand_capture(importer: object, n: torch.fx.Node) -> list[Value]:
+    tensors, key = n.args
+    cap = _ACTIVE.get(key)
+    if cap is None:
+        raise ItnetError(f"capture {key} has no active converter; export and import must run together")
+    inputs = [importer.arg(t, n) for t in tensors]
+    vals = n.meta.get("val") or []
+    out_types = [importer.type_of(v, n.name) for v in vals]
+    ctx = ConverterContext(importer, cap, out_types)
+    try:
+        result = cap.converter(ctx, cap.module, *inputs)
+    except ItnetError:
+        raise
+    except Exception as e:
+        raise ItnetError(f"module converter failed ({type(e).__name__}: {e})", layer=cap.path) from e
+    outs = [result] if isinstance(result, Value) else list(result)
+    if len(outs) != len(out_types):
+        raise ItnetError(f"module converter returned {len(outs)} outputs, the module returns {len(out_types)}", layer=cap.path)
+    return outs

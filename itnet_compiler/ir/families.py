@@ -1,0 +1,257 @@
+"""Kernel families of ``it.transform``: typed attribute records, registered by name.
+
+Each family says which named inputs (roles) the node takes, checks its own attributes and shapes, and gives its
+cost as a sympy expression in the program's symbolic sizes. Rules for a family live here, beside its attributes.
+
+Input layouts (fixed by the recognisers, relied upon by every backend):
+- ``stationary``: ``x`` [N, C_in, *spatial], ``weight`` as torch stores it ([C_out, C_in/g, *k], or [C_in, C_out/g, *k]
+  when transposed), optional ``bias`` [C_out]. Output [N, C_out, *spatial_out].
+- ``dot_exp``: ``q`` [B, H, L_q, D], ``k`` [B, H_kv, L_k, D], ``v`` [B, H_kv, L_k, D_v], optional ``mask``
+  broadcastable to [B, H, L_q, L_k] (bool: keep where true; float: added to the logits). Output [B, H, L_q, D_v], and the
+  normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is aligned top-left
+  (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import sympy
+
+from .types import TensorType, numel
+
+if TYPE_CHECKING:
+    from .core import Node
+
+FAMILIES: dict[str, type[FamilyAttrs]] = {}
+
+# DESIGN §2: which lowerings a family admits at all (a backend may implement a subset).
+LOWERINGS: dict[str, tuple[str, ...]] = {
+    "stationary": ("auto", "dense", "fused", "montecarlo", "lowrank", "fft", "library"),
+    "dot_exp": ("auto", "dense", "fused", "montecarlo", "lowrank", "library"),
+    "ssm": ("auto", "dense", "scan", "chunked", "fft"),
+    "gated": ("auto", "scan", "newton", "library"),
+    "mlp": ("auto", "dense", "fused", "montecarlo", "lowrank"),
+    "lowrank": ("auto", "dense", "chunked"),
+}
+
+
+def register_family(cls: type[FamilyAttrs]) -> type[FamilyAttrs]:
+    FAMILIES[cls.family] = cls
+    return cls
+
+
+def parse_lowering(spec: str) -> tuple[str, dict[str, int | float | str]]:
+    """``name`` or ``name:key=value,...`` -> (name, options); values become int or float where they parse."""
+    name, _, rest = spec.partition(":")
+    opts: dict[str, int | float | str] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"lowering option {item!r} is not key=value")
+        opts[key.strip()] = _number(val.strip())
+    return name.strip(), opts
+
+
+def _number(text: str) -> int | float | str:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class FamilyAttrs:
+    family: ClassVar[str]
+    # Input roles in order; a trailing '?' marks an optional one.
+    roles: ClassVar[tuple[str, ...]]
+    lowering: str = "auto"
+    measure: str = "uniform"
+    normalize: bool = False
+    support: str = "full"
+    heads: int = 1
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"family": self.family}
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            out[f.name] = _listify(val)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> FamilyAttrs:
+        data = dict(data)
+        data.pop("family", None)
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(names)
+        if unknown:
+            raise ValueError(f"unknown attribute(s) {sorted(unknown)} for family {cls.family}")
+        return cls(**{k: _tuplify(v) for k, v in data.items()})
+
+    def replace(self, **changes: object) -> FamilyAttrs:
+        return dataclasses.replace(self, **changes)
+
+    def check(self, node: Node) -> None:
+        name, _ = parse_lowering(self.lowering)
+        if name not in LOWERINGS[self.family]:
+            raise ValueError(f"lowering {name!r} is not one of {', '.join(LOWERINGS[self.family])}")
+
+    def flops(self, node: Node) -> sympy.Expr:
+        raise NotImplementedError
+
+    def domain(self, node: Node) -> str:
+        raise NotImplementedError
+
+    def params(self) -> str:
+        """A short human summary of the kernel parameters for ``itnet inspect``."""
+        return ""
+
+
+def _listify(val: object) -> object:
+    if isinstance(val, tuple):
+        return [_listify(v) for v in val]
+    return val
+
+
+def _tuplify(val: object) -> object:
+    if isinstance(val, list):
+        return tuple(_tuplify(v) for v in val)
+    return val
+
+
+def role_type(node: Node, role: str) -> TensorType:
+    v = node.kwargs.get(role)
+    if v is None or not isinstance(getattr(v, "type", None), TensorType):
+        raise ValueError(f"input '{role}' must be a tensor value")
+    return v.type
+
+
+@register_family
+@dataclass(frozen=True, kw_only=True)
+class StationaryAttrs(FamilyAttrs):
+    """K(i, j) = W[offset(i, j)]: every convolution. ``padding`` holds (low, high) per spatial dim."""
+
+    family: ClassVar[str] = "stationary"
+    roles: ClassVar[tuple[str, ...]] = ("x", "weight", "bias?")
+    rank: int = 2
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[tuple[int, int], ...] = ((0, 0), (0, 0))
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+    transposed: bool = False
+    output_padding: tuple[int, ...] = (0, 0)
+    padding_mode: str = "zeros"
+    measure: str = "counting"
+    support: str = "grid"
+
+    def check(self, node: Node) -> None:
+        super().check(node)
+        r = self.rank
+        if r not in (1, 2, 3):
+            raise ValueError(f"rank must be 1, 2 or 3, not {r}")
+        for fname in ("stride", "dilation", "output_padding"):
+            if len(getattr(self, fname)) != r:
+                raise ValueError(f"{fname} must have {r} entries")
+        if len(self.padding) != r or any(len(p) != 2 for p in self.padding):
+            raise ValueError(f"padding must be {r} (low, high) pairs")
+        if self.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"unknown padding_mode {self.padding_mode!r}")
+        if self.transposed and self.padding_mode != "zeros":
+            raise ValueError("transposed convolution supports only zeros padding")
+        x, w = role_type(node, "x"), role_type(node, "weight")
+        if x.rank != r + 2 or w.rank != r + 2:
+            raise ValueError(f"x and weight must have rank {r + 2}")
+        cin = w.shape[0] if self.transposed else w.shape[1] * self.groups
+        if sympy.simplify(x.shape[1] - cin) != 0:
+            raise ValueError(f"x has {x.shape[1]} channels but the weight expects {cin}")
+
+    def out_channels(self, node: Node) -> sympy.Expr:
+        w = role_type(node, "weight")
+        return w.shape[1] * self.groups if self.transposed else w.shape[0]
+
+    def flops(self, node: Node) -> sympy.Expr:
+        x, w = role_type(node, "x"), role_type(node, "weight")
+        out = node.outputs[0].type
+        assert isinstance(out, TensorType)
+        taps = numel(TensorType(w.dtype, w.shape[2:]))
+        if self.transposed:
+            return 2 * numel(x) * (w.shape[1]) * taps
+        return 2 * numel(out) * w.shape[1] * taps
+
+    def domain(self, node: Node) -> str:
+        x = role_type(node, "x")
+        out = node.outputs[0].type
+        assert isinstance(out, TensorType)
+        grid = "×".join(str(d) for d in x.shape[2:])
+        grid_out = "×".join(str(d) for d in out.shape[2:])
+        return f"grid{self.rank}d[{grid}]→[{grid_out}]"
+
+    def params(self) -> str:
+        w = "×".join(str(s) for s in self.stride)
+        d = "×".join(str(s) for s in self.dilation)
+        parts = [f"stride {w}", f"dilation {d}"]
+        if self.groups != 1:
+            parts.append(f"groups {self.groups}")
+        if self.transposed:
+            parts.append("transposed")
+        if self.padding_mode != "zeros":
+            parts.append(f"pad {self.padding_mode}")
+        return ", ".join(parts)
+
+
+@register_family
+@dataclass(frozen=True, kw_only=True)
+class DotExpAttrs(FamilyAttrs):
+    """K(i, j) = exp(scale·⟨q_i, k_j⟩ + b(i, j)), normalised over j: every softmax attention."""
+
+    family: ClassVar[str] = "dot_exp"
+    roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?")
+    scale: float = 1.0
+    kv_heads: int = 1
+    mask: str = "none"  # none | bool | additive
+    return_weights: bool = False
+    normalize: bool = True
+
+    def check(self, node: Node) -> None:
+        super().check(node)
+        if self.support not in ("full", "causal"):
+            raise ValueError(f"support must be full or causal, not {self.support!r}")
+        if not self.normalize:
+            raise ValueError("dot_exp is always normalised (softmax)")
+        q, k, v = (role_type(node, r) for r in ("q", "k", "v"))
+        if q.rank != 4 or k.rank != 4 or v.rank != 4:
+            raise ValueError("q, k and v must be [batch, heads, length, dim]")
+        if q.shape[1] != self.heads or k.shape[1] != self.kv_heads or v.shape[1] != self.kv_heads:
+            raise ValueError(f"heads {self.heads}/{self.kv_heads} do not match q {q} and k {k}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if sympy.simplify(q.shape[3] - k.shape[3]) != 0 or sympy.simplify(k.shape[2] - v.shape[2]) != 0:
+            raise ValueError(f"q {q}, k {k} and v {v} do not agree on head dim or length")
+        has_mask = node.kwargs.get("mask") is not None
+        if has_mask != (self.mask != "none"):
+            raise ValueError(f"mask attribute {self.mask!r} does not match the mask input")
+        if len(node.outputs) != (2 if self.return_weights else 1):
+            raise ValueError("dot_exp has one output, two when return_weights")
+
+    def flops(self, node: Node) -> sympy.Expr:
+        q, v = role_type(node, "q"), role_type(node, "v")
+        b, h, lq, d = q.shape
+        lk, dv = v.shape[2], v.shape[3]
+        full = 2 * b * h * lq * lk * (d + dv)
+        return full / 2 if self.support == "causal" else full
+
+    def domain(self, node: Node) -> str:
+        q, k = role_type(node, "q"), role_type(node, "k")
+        return f"seq[{q.shape[2]}]←seq[{k.shape[2]}]"
+
+    def params(self) -> str:
+        parts = [f"scale {self.scale:.4g}"]
+        if self.kv_heads != self.heads:
+            parts.append(f"GQA kv_heads {self.kv_heads}")
+        if self.mask != "none":
+            parts.append(f"{self.mask} mask")
+        return ", ".join(parts)

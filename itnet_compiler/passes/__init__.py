@@ -1,0 +1,1 @@
+"""Passes: Program -> Program, listed in order in pipeline.py."""

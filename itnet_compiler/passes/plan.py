@@ -1,0 +1,69 @@
+"""Apply a lowering plan, then resolve what is still ``auto``. Valid IR in, valid IR out.
+
+A plan maps layer names (fnmatch globs; first match wins in the plan's order) to lowering specs
+(``fused`` or ``montecarlo:samples=128``). A plan may be a dict, or the path of a JSON file holding either that dict
+or ``{"layers": {...}}``. Layers still at ``auto`` afterwards get the exact default of their family. The chosen
+lowering is written into each node's attributes, so the printed IR says what runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+from ..errors import ItnetError
+from ..ir.core import Program
+from ..ir.families import LOWERINGS, parse_lowering
+
+# Exact and fastest on the CPU among the lowerings every backend implements.
+EXACT_DEFAULT = {"stationary": "library", "dot_exp": "library"}
+
+
+def load_plan(plan: dict[str, str] | str | Path | None) -> dict[str, str]:
+    if plan is None:
+        return {}
+    if isinstance(plan, dict):
+        return {str(k): str(v) for k, v in plan.items()}
+    path = Path(plan)
+    if not path.exists():
+        raise ItnetError(f"plan file {path} does not exist; pass a JSON file mapping layer globs to lowerings")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ItnetError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("layers"), dict):
+        data = data["layers"]
+    if not isinstance(data, dict):
+        raise ItnetError(f"plan file {path} must hold an object mapping layer globs to lowering specs")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def apply_plan(prog: Program, plan: dict[str, str] | str | Path | None) -> Program:
+    rules = load_plan(plan)
+    used: set[str] = set()
+    for node in prog.transforms:
+        for pattern, spec in rules.items():
+            if not (fnmatch.fnmatchcase(node.layer, pattern) or pattern == node.outputs[0].name):
+                continue
+            name, _ = parse_lowering(spec)
+            if name not in LOWERINGS[node.family]:
+                continue  # a glob may cover layers of several families; only matching ones take the spec
+            node.attrs = node.attrs.replace(lowering=spec)
+            used.add(pattern)
+            break
+    unused = set(rules) - used
+    if unused:
+        layers = ", ".join(sorted({n.layer for n in prog.transforms})[:6])
+        raise ItnetError(
+            f"plan entries {sorted(unused)} match no transform layer (or no layer whose family admits that lowering); "
+            f"layers are: {layers}"
+        )
+    return prog
+
+
+def resolve_auto(prog: Program) -> Program:
+    for node in prog.transforms:
+        if parse_lowering(node.attrs.lowering)[0] == "auto":
+            node.attrs = node.attrs.replace(lowering=EXACT_DEFAULT.get(node.family, "dense"))
+    return prog
