@@ -33,6 +33,7 @@ def save(prog: Program, path: str | Path) -> None:
     meta = {
         "format": FORMAT,
         "torch": torch.__version__,
+        **{k: v for k, v in prog.meta.items() if k not in ("format", "torch", "transforms")},
         "transforms": [{"layer": n.layer, "family": n.family, "lowering": n.lowering} for n in prog.transforms],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -46,13 +47,16 @@ def load(path: str | Path) -> Program:
     prog = parse(text_file.read_text())
     weights = text_file.parent / "weights.safetensors"
     meta = text_file.parent / "meta.json"
+    meta_data: dict = {}
     if meta.exists():
-        fmt = json.loads(meta.read_text()).get("format")
+        meta_data = json.loads(meta.read_text())
+        fmt = meta_data.get("format")
         if fmt != FORMAT:
             raise ItnetError(f"bundle {path} has format {fmt}, this itnet reads format {FORMAT}; re-run itnet convert")
     if prog.weights:
         if not weights.exists():
             raise ItnetError(f"bundle {path} has no weights.safetensors; re-run itnet convert")
         prog.tensors = safetensors.torch.load_file(str(weights))
+    prog.meta = {k: v for k, v in meta_data.items() if k not in ("format", "torch", "transforms")}
     verify(prog)
     return prog

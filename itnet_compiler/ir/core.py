@@ -94,6 +94,9 @@ class Program:
     # Symbol name -> [min, max] (max None = unbounded), from torch.export range constraints.
     symbols: dict[str, list[int | None]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Free-form JSON-able facts kept in the bundle's meta.json (not in the text form): e.g. "source", the model spec
+    # and example inputs that ``itnet run --check`` rebuilds the source model from.
+    meta: dict[str, object] = field(default_factory=dict)
 
     @property
     def transforms(self) -> list[Node]:

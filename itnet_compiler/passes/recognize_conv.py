@@ -100,7 +100,7 @@ def _fold_pad(m: Match, x: Value, attrs: StationaryAttrs) -> tuple[Value, Statio
         return x, attrs
     # pads run from the last dim backwards: (lo_last, hi_last, lo_prev, hi_prev, ...)
     per_dim = tuple((pads[2 * i], pads[2 * i + 1]) for i in range(attrs.rank))[::-1]
-    src = a["input"]
+    src = a["self"]
     assert isinstance(src, Value)
     return src, attrs.replace(padding=per_dim, padding_mode="zeros" if mode == "constant" else mode)
 
