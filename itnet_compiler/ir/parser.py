@@ -101,11 +101,12 @@ class _Parser:
         return v
 
     def value(self, ln: _Line) -> Value:
+        ln.ws()
         start = ln.pos
         m = ln.match(_VALUE, "a value")
         v = self.env.get(m.group(1))
         if v is None:
-            raise ln.error(f"%{m.group(1)} is used before it is defined", start + 1)
+            raise ln.error(f"%{m.group(1)} is used before it is defined", start)
         return v
 
     def arg(self, ln: _Line) -> object:
@@ -190,7 +191,7 @@ class _Parser:
         try:
             e = parse_expr(ln.text[ln.pos : i])
         except ValueError as exc:
-            raise ln.error(str(exc)) from None
+            raise ln.error(f"{exc} in {ln.text[ln.pos : i]!r}") from None
         ln.pos = i + 1
         return e
 
@@ -264,11 +265,11 @@ class _Parser:
         if not ln.eat("_"):
             while True:
                 ln.ws()
-                outs.append((ln.match(_VALUE, "a value or '_'").group(1), ln.pos))
+                start = ln.pos
+                outs.append((ln.match(_VALUE, "a value or '_'").group(1), start))
                 if not ln.eat(","):
                     break
         ln.expect("=")
-        op_pos = ln.pos
         op = ln.match(_OP, "an op name").group(0)
         ln.expect("(")
         args: list[object] = []
@@ -288,6 +289,8 @@ class _Parser:
                     break
             ln.expect(")")
         attrs = None
+        ln.ws()
+        brace = ln.pos
         if ln.eat("{"):
             data: dict[str, object] = {}
             while True:
@@ -297,7 +300,7 @@ class _Parser:
                 if not ln.eat(","):
                     break
             ln.expect("}")
-            attrs = self.attrs(ln, data, op_pos)
+            attrs = self.attrs(ln, data, brace)
         ln.expect(":")
         types: list[Type] = []
         if not ln.eat("none"):
