@@ -1,8 +1,8 @@
 """itnet: convolution, attention and recurrence as one integral transform, compiled.
 
-    import itnet_compiler as itc
-    prog = itc.convert(model, args)
-    mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
+import itnet_compiler as itc
+prog = itc.convert(model, args)
+mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
 """
 
 from .api import build, convert, load, parse, plan_program

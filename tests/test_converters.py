@@ -41,8 +41,7 @@ def registered():
     @itc.register_converter(UnfoldConv)
     def convert_unfold(ctx: itc.ConverterContext, module: UnfoldConv, x: itc.Value):
         p = module.k // 2
-        attrs = StationaryAttrs(rank=2, stride=(1, 1), padding=((p, p), (p, p)), dilation=(1, 1),
-                                output_padding=(0, 0))
+        attrs = StationaryAttrs(rank=2, stride=(1, 1), padding=((p, p), (p, p)), dilation=(1, 1), output_padding=(0, 0))
         (y,) = ctx.transform(attrs, {"x": x, "weight": ctx.weight("weight")}, ctx.output_types)
         return y
 

@@ -120,8 +120,9 @@ def test_fused_memory_never_holds_the_full_kernel():
         return max(sizes)
 
     dense = peak(lambda: L.attention_dense(q, k, v, scale=0.25, causal=False, return_weights=False))
-    fused = peak(lambda: L.attention_fused(q, k, v, scale=0.25, causal=False, return_weights=False, block_q=128,
-                                           block_k=256))
+    fused = peak(
+        lambda: L.attention_fused(q, k, v, scale=0.25, causal=False, return_weights=False, block_q=128, block_k=256)
+    )
     assert dense >= 2048 * 2048 * 4
     assert fused <= 4 * tile + 2048 * 16 * 4
 
@@ -139,14 +140,37 @@ def conv_case(draw):
     if transposed:
         pad = tuple(draw(st.integers(0, dilation[i] * (k[i] - 1))) for i in range(rank))
         out_pad = tuple(draw(st.integers(0, max(stride[i], dilation[i]) - 1)) for i in range(rank))
-        return dict(rank=rank, transposed=True, groups=groups, cin=cin, cout=cout, k=k, stride=stride,
-                    dilation=dilation, size=size, padding=tuple((p, p) for p in pad), output_padding=out_pad,
-                    mode="zeros")
+        return dict(
+            rank=rank,
+            transposed=True,
+            groups=groups,
+            cin=cin,
+            cout=cout,
+            k=k,
+            stride=stride,
+            dilation=dilation,
+            size=size,
+            padding=tuple((p, p) for p in pad),
+            output_padding=out_pad,
+            mode="zeros",
+        )
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
     limit = 2 if mode != "zeros" else 3
     padding = tuple((draw(st.integers(0, limit)), draw(st.integers(0, limit))) for _ in range(rank))
-    return dict(rank=rank, transposed=False, groups=groups, cin=cin, cout=cout, k=k, stride=stride,
-                dilation=dilation, size=size, padding=padding, output_padding=(0,) * rank, mode=mode)
+    return dict(
+        rank=rank,
+        transposed=False,
+        groups=groups,
+        cin=cin,
+        cout=cout,
+        k=k,
+        stride=stride,
+        dilation=dilation,
+        size=size,
+        padding=padding,
+        output_padding=(0,) * rank,
+        mode=mode,
+    )
 
 
 def reference_conv(x, w, b, c):
@@ -167,15 +191,26 @@ def reference_conv(x, w, b, c):
 def test_stationary_lowerings_match_float64_reference(c, with_bias):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, c["cin"], *c["size"], generator=g)
-    wshape = (c["cin"], c["cout"] // c["groups"], *c["k"]) if c["transposed"] else (c["cout"], c["cin"] // c["groups"], *c["k"])
+    wshape = (
+        (c["cin"], c["cout"] // c["groups"], *c["k"])
+        if c["transposed"]
+        else (c["cout"], c["cin"] // c["groups"], *c["k"])
+    )
     w = torch.randn(*wshape, generator=g)
     b = torch.randn(c["cout"], generator=g) if with_bias else None
     try:
         ref = reference_conv(x, w, b, c)
     except RuntimeError:
         return  # torch rejects this configuration (e.g. output too small): nothing to compare
-    opts = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"],
-                transposed=c["transposed"], output_padding=c["output_padding"], padding_mode=c["mode"])
+    opts = dict(
+        stride=c["stride"],
+        padding=c["padding"],
+        dilation=c["dilation"],
+        groups=c["groups"],
+        transposed=c["transposed"],
+        output_padding=c["output_padding"],
+        padding_mode=c["mode"],
+    )
     for fn in (L.conv_dense, L.conv_library):
         out = fn(x, w, b, **opts)
         assert out.shape == ref.shape

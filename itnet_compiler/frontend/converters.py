@@ -79,7 +79,9 @@ def _run_original(tensors: Sequence[torch.Tensor], key: str) -> list[torch.Tenso
     flat, cap.out_spec = pytree.tree_flatten(out)
     bad = [type(x).__name__ for x in flat if not isinstance(x, torch.Tensor)]
     if bad:
-        raise ItnetError(f"module converter capture returns non-tensor outputs ({bad}); return tensors only", layer=cap.path)
+        raise ItnetError(
+            f"module converter capture returns non-tensor outputs ({bad}); return tensors only", layer=cap.path
+        )
     return [x.clone() if any(x is t for t in tensors) else x for x in flat]
 
 
@@ -170,5 +172,7 @@ def expand_capture(importer: object, n: torch.fx.Node) -> list[Value]:
         raise ItnetError(f"module converter failed ({type(e).__name__}: {e})", layer=cap.path) from e
     outs = [result] if isinstance(result, Value) else list(result)
     if len(outs) != len(out_types):
-        raise ItnetError(f"module converter returned {len(outs)} outputs, the module returns {len(out_types)}", layer=cap.path)
+        raise ItnetError(
+            f"module converter returned {len(outs)} outputs, the module returns {len(out_types)}", layer=cap.path
+        )
     return outs

@@ -7,9 +7,9 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
 - ``stationary``: ``x`` [N, C_in, *spatial], ``weight`` as torch stores it ([C_out, C_in/g, *k], or [C_in, C_out/g, *k]
   when transposed), optional ``bias`` [C_out]. Output [N, C_out, *spatial_out].
 - ``dot_exp``: ``q`` [B, H, L_q, D], ``k`` [B, H_kv, L_k, D], ``v`` [B, H_kv, L_k, D_v], optional ``mask``
-  broadcastable to [B, H, L_q, L_k] (bool: keep where true; float: added to the logits). Output [B, H, L_q, D_v], and the
-  normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is aligned top-left
-  (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``.
+  broadcastable to [B, H, L_q, L_k] (bool: keep where true; float: added to the logits). Output [B, H, L_q, D_v],
+  and the normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is
+  aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``.
 """
 
 from __future__ import annotations

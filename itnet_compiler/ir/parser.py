@@ -85,7 +85,7 @@ class _Line:
     def end(self) -> None:
         self.ws()
         if self.pos != len(self.text):
-            raise self.error(f"unexpected {self.text[self.pos:self.pos + 12]!r}")
+            raise self.error(f"unexpected {self.text[self.pos : self.pos + 12]!r}")
 
 
 class _Parser:

@@ -157,7 +157,9 @@ def _dims_ok(shape, dims, bound: dict, ranges: dict) -> bool:
 
 def _range_text(t: TensorType, ranges: dict) -> str:
     syms = sorted({s.name for d in t.shape for s in d.free_symbols})
-    parts = [f"{s} in [{ranges[s][0]}, {ranges[s][1] if ranges[s][1] is not None else 'inf'}]" for s in syms if s in ranges]
+    parts = [
+        f"{s} in [{ranges[s][0]}, {ranges[s][1] if ranges[s][1] is not None else 'inf'}]" for s in syms if s in ranges
+    ]
     return f" ({', '.join(parts)})" if parts else ""
 
 

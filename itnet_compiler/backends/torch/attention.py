@@ -1,0 +1,111 @@
+"""Torch lowerings of the ``dot_exp`` family (softmax attention): ``dense``, ``library`` (SDPA) and ``fused``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ItnetError
+from ...ir.core import Node
+from ...ir.families import DotExpAttrs
+from .registry import register
+
+
+def _attn_static(node: Node) -> dict[str, object]:
+    a = node.attrs
+    assert isinstance(a, DotExpAttrs)
+    return {"scale": a.scale, "causal": a.support == "causal", "return_weights": a.return_weights}
+
+
+def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    rep = q.shape[1] // t.shape[1]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def _logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).expand(mask.shape)
+
+
+def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
+    """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference."""
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    bias = _logit_bias(mask, s.dtype)
+    if bias is not None:
+        s = s + bias
+    if causal:
+        lq, lk = s.shape[-2:]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = torch.matmul(p, v)
+    return (out, p) if return_weights else out
+
+
+def attention_library(q, k, v, mask=None, *, scale, causal, return_weights):
+    if return_weights:
+        return attention_dense(q, k, v, mask, scale=scale, causal=causal, return_weights=True)
+    gqa = k.shape[1] != q.shape[1]
+    if causal and mask is not None:
+        return attention_dense(q, k, v, mask, scale=scale, causal=True, return_weights=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, block_q=256, block_k=512):
+    """Tiles of (i, j) with an online softmax (running max and sum): memory O(block_q · block_k), never O(N²)."""
+    if return_weights:
+        raise ItnetError("the fused lowering cannot return attention weights; use dense or library for this layer")
+    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    bias = _logit_bias(mask, q.dtype)
+    lq, lk = q.shape[-2], k.shape[-2]
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for i0 in range(0, lq, block_q):
+        i1 = min(i0 + block_q, lq)
+        qi = q[..., i0:i1, :] * scale
+        m_run = torch.full(qi.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        l_run = torch.zeros_like(m_run)
+        acc = torch.zeros(*qi.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        j_end = min(lk, i1) if causal else lk
+        for j0 in range(0, j_end, block_k):
+            j1 = min(j0 + block_k, j_end)
+            s = torch.matmul(qi, k[..., j0:j1, :].transpose(-2, -1))
+            if bias is not None:
+                s = s + _block(bias, i0, i1, j0, j1, lq, lk)
+            if causal and j1 > i0:
+                rows = torch.arange(i0, i1, device=q.device)[:, None]
+                cols = torch.arange(j0, j1, device=q.device)[None, :]
+                s = s.masked_fill(cols > rows, float("-inf"))
+            m_new = torch.maximum(m_run, s.amax(dim=-1))
+            # rows that have seen only -inf so far keep a finite reference point
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_safe[..., None])
+            corr = torch.exp(m_run - m_safe)
+            l_run = l_run * corr + p.sum(dim=-1)
+            acc = acc * corr[..., None] + torch.matmul(p, v[..., j0:j1, :])
+            m_run = m_new
+        out[..., i0:i1, :] = acc / l_run[..., None]
+    return out
+
+
+def _block(bias: torch.Tensor, i0: int, i1: int, j0: int, j1: int, lq: int, lk: int) -> torch.Tensor:
+    """The [i0:i1, j0:j1] tile of a bias that broadcasts to [..., L_q, L_k]."""
+    rows = slice(i0, i1) if bias.shape[-2] == lq else slice(None)
+    cols = slice(j0, j1) if bias.shape[-1] == lk else slice(None)
+    return bias[..., rows, cols]
+
+
+@register("dot_exp", "dense")
+def _(node: Node):
+    return attention_dense, _attn_static(node)
+
+
+@register("dot_exp", "library")
+def _(node: Node):
+    return attention_library, _attn_static(node)
+
+
+@register("dot_exp", "fused", options=("block_q", "block_k"))
+def _(node: Node):
+    return attention_fused, _attn_static(node)
