@@ -41,16 +41,22 @@ def load(path: str | Path) -> Program:
     return _load(path)
 
 
-def plan_program(prog: Program, plan: dict[str, str] | str | Path | None = None) -> Program:
-    """A copy of ``prog`` with the plan applied and every ``auto`` lowering resolved."""
-    return pipeline.run_steps(prog.clone(), pipeline.plan_steps(plan))
+def plan_program(
+    prog: Program, plan: dict[str, str] | str | Path | None = None, backend: str = "torch"
+) -> Program:
+    """A copy of ``prog`` with the plan applied and every ``auto`` lowering resolved for ``backend``."""
+    return pipeline.run_steps(prog.clone(), pipeline.plan_steps(plan, backend))
 
 
 def build(prog: Program, backend: str = "torch", plan: dict[str, str] | str | Path | None = None) -> torch.nn.Module:
     """Compile a program into a ``torch.nn.Module`` that is called like the source model."""
-    planned = plan_program(prog, plan)
+    if backend not in ("torch", "triton"):
+        raise ItnetError(f"unknown backend {backend!r}; available: torch, triton")
+    planned = plan_program(prog, plan, backend)
     if backend == "torch":
         from .backends.torch.codegen import build_torch
 
         return build_torch(planned)
-    raise ItnetError(f"unknown backend {backend!r}; available: torch")
+    from .backends.triton.codegen import build_triton
+
+    return build_triton(planned)

@@ -27,3 +27,8 @@ def hf_offline() -> bool:
 def set_hf_offline() -> None:
     """Make transformers stay offline for the ``hf:`` spec unless the user asked otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def triton_interpret() -> bool:
+    """``TRITON_INTERPRET=1``: Triton kernels run on the CPU through Triton's interpreter (tests, CI)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -99,6 +99,13 @@ class FamilyAttrs:
         name, _ = parse_lowering(self.lowering)
         if name not in LOWERINGS[self.family]:
             raise ValueError(f"lowering {name!r} is not one of {', '.join(LOWERINGS[self.family])}")
+        reason = self.admits(name)
+        if reason:
+            raise ValueError(f"lowering {name!r} is not possible here: {reason}")
+
+    def admits(self, lowering: str) -> str | None:
+        """Why this node cannot take ``lowering`` (a name), or None. The family table is checked separately."""
+        return None
 
     def flops(self, node: Node) -> sympy.Expr:
         raise NotImplementedError
@@ -236,6 +243,11 @@ class DotExpAttrs(FamilyAttrs):
             raise ValueError(f"mask attribute {self.mask!r} does not match the mask input")
         if len(node.outputs) != (2 if self.return_weights else 1):
             raise ValueError("dot_exp has one output, two when return_weights")
+
+    def admits(self, lowering: str) -> str | None:
+        if self.return_weights and lowering not in ("auto", "dense", "library"):
+            return "the layer returns its attention weights, which only dense and library materialise"
+        return None
 
     def flops(self, node: Node) -> sympy.Expr:
         q, v = role_type(node, "q"), role_type(node, "v")

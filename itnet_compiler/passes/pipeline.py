@@ -52,5 +52,5 @@ def recognise(prog: Program) -> Program:
     return run_steps(prog, RECOGNISE)
 
 
-def plan_steps(plan: dict[str, str] | str | Path | None) -> list[Step]:
-    return [("apply-plan", lambda p: apply_plan(p, plan)), ("resolve-auto", resolve_auto)]
+def plan_steps(plan: dict[str, str] | str | Path | None, backend: str = "torch") -> list[Step]:
+    return [("apply-plan", lambda p: apply_plan(p, plan)), ("resolve-auto", lambda p: resolve_auto(p, backend))]

@@ -16,8 +16,10 @@ from ..errors import ItnetError
 from ..ir.core import Program
 from ..ir.families import LOWERINGS, parse_lowering
 
-# Exact and fastest on the CPU among the lowerings every backend implements.
-EXACT_DEFAULT = {"stationary": "library", "dot_exp": "library"}
+# Exact defaults per backend: the vendor library on the torch backend (fastest on the CPU), generated kernels on the
+# Triton backend where one exists.
+EXACT_DEFAULT = {"stationary": "library", "dot_exp": "library", "ssm": "scan", "gated": "library"}
+EXACT_DEFAULT_TRITON = {"dot_exp": "fused"}
 
 
 def load_plan(plan: dict[str, str] | str | Path | None) -> dict[str, str]:
@@ -49,6 +51,12 @@ def apply_plan(prog: Program, plan: dict[str, str] | str | Path | None) -> Progr
             name, _ = parse_lowering(spec)
             if name not in LOWERINGS[node.family]:
                 continue  # a glob may cover layers of several families; only matching ones take the spec
+            reason = node.attrs.admits(name)
+            if reason and _is_glob(pattern):
+                used.add(pattern)
+                continue  # a glob leaves such layers at their exact default; the printed IR shows which
+            if reason:
+                raise ItnetError(f"cannot use lowering '{name}': {reason}; choose dense or library", layer=node.layer)
             node.attrs = node.attrs.replace(lowering=spec)
             used.add(pattern)
             break
@@ -62,8 +70,17 @@ def apply_plan(prog: Program, plan: dict[str, str] | str | Path | None) -> Progr
     return prog
 
 
-def resolve_auto(prog: Program) -> Program:
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def resolve_auto(prog: Program, backend: str = "torch") -> Program:
+    defaults = {**EXACT_DEFAULT, **(EXACT_DEFAULT_TRITON if backend == "triton" else {})}
     for node in prog.transforms:
-        if parse_lowering(node.attrs.lowering)[0] == "auto":
-            node.attrs = node.attrs.replace(lowering=EXACT_DEFAULT.get(node.family, "dense"))
+        if parse_lowering(node.attrs.lowering)[0] != "auto":
+            continue
+        choice = defaults.get(node.family, "dense")
+        if node.attrs.admits(choice):
+            choice = EXACT_DEFAULT.get(node.family, "dense")
+        node.attrs = node.attrs.replace(lowering=choice)
     return prog

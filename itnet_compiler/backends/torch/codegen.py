@@ -9,6 +9,7 @@ output structure and checks input shapes against the program's (symbolic) types.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import sympy
 import torch
@@ -17,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from ...errors import ItnetError
 from ...ir import treespec
-from ...ir.core import Program, Value
+from ...ir.core import Node, Program, Value
 from ...ir.ops import resolve_op
 from ...ir.types import DTYPE_NAMES, TensorType
 from .lowerings import implementation
@@ -36,7 +37,11 @@ def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) 
         mod.register_buffer(name, tensor.clone(), persistent=kind == "buffer")
 
 
-def generate(prog: Program) -> fx.GraphModule:
+Resolver = Callable[[Node], tuple[Callable[..., object], dict[str, object]]]
+
+
+def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModule:
+    """``resolve`` maps an it.transform node to (callable, static kwargs); other backends pass their own."""
     root = torch.nn.Module()
     g = fx.Graph()
     env: dict[int, fx.Node] = {}
@@ -57,7 +62,7 @@ def generate(prog: Program) -> fx.GraphModule:
 
     for node in prog.nodes:
         if node.is_transform:
-            impl, static = implementation(node)
+            impl, static = resolve(node)
             roles = [r.rstrip("?") for r in node.attrs.roles]
             while roles and roles[-1] not in node.kwargs:
                 roles.pop()

@@ -1,0 +1,1 @@
+"""Triton backend: kernels rendered from templates, loaded from a cache of generated files."""

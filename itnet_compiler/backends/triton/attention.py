@@ -1,0 +1,156 @@
+"""Triton lowering of ``dot_exp``: fused forward and backward kernels rendered from ``templates.ATTENTION``.
+
+Masks become an additive bias read through broadcast strides (a bool mask turns into 0 / -inf); GQA reads K/V at
+head h // group and sums dK, dV over each group; causal support shortens the column loop (whole tiles above the
+diagonal are skipped). Head dims up to 256 are padded to a power of two. Tuning values are the constexpr fields of
+``AttentionOptions``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+from . import loader, templates
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    bwd_block_m: int = 64
+    bwd_block_n: int = 64
+    bwd_num_warps: int = 4
+    bwd_num_stages: int = 2
+
+    @staticmethod
+    def default(d: int, device: torch.device) -> AttentionOptions:
+        if device.type != "cuda":  # interpreter: small tiles keep numpy fast
+            return AttentionOptions(16, 16, 1, 1, 16, 16, 1, 1)
+        if d <= 64:
+            return AttentionOptions(128, 64, 4, 3, 64, 64, 4, 2)
+        if d <= 128:
+            return AttentionOptions(128, 64, 8, 3, 64, 64, 4, 2)
+        return AttentionOptions(64, 32, 8, 2, 32, 32, 4, 1)
+
+    def with_overrides(self, **kw: int) -> AttentionOptions:
+        return replace(self, **{k: int(v) for k, v in kw.items() if v is not None})
+
+
+def kernels():
+    """The rendered module for the dot_exp family (one source for fwd, dQ and dK/dV)."""
+    source = loader.render(templates.ATTENTION, {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL})
+    return loader.load("dot_exp_fused", source)
+
+
+def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple]:
+    if mask is None:
+        return torch.empty(1, device=device, dtype=torch.float32), (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    mask = mask.expand(shape)
+    return mask, tuple(mask.stride())
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def forward(q, k, v, mask, scale: float, causal: bool, opts: AttentionOptions):
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    group = h // k.shape[1]
+    bias, bs = _bias(mask, (b, h, lq, lk), q.device)
+    o = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
+    mod = kernels()
+    grid = (triton.cdiv(lq, opts.block_m), b * h)
+    mod.attention_fwd[grid](
+        q, k, v, bias, o, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
+        h, group, lq, lk, d, scale * LOG2E,
+        HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype),
+        BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=opts.num_warps, num_stages=opts.num_stages,
+    )  # fmt: skip
+    return o, lse, bias, bs
+
+
+def backward(do, q, k, v, o, lse, bias, bs, has_bias: bool, scale: float, causal: bool, opts: AttentionOptions):
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group = h // hkv
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).reshape(b * h, lq)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, h, lk, d, dtype=k.dtype, device=k.device)
+    dv = torch.empty(b, h, lk, d, dtype=v.dtype, device=v.device)
+    mod = kernels()
+    common = dict(HAS_BIAS=has_bias, CAUSAL=causal, PREC=_prec(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)),
+                  num_warps=opts.bwd_num_warps, num_stages=opts.bwd_num_stages)  # fmt: skip
+    mod.attention_bwd_dq[(triton.cdiv(lq, opts.bwd_block_m), b * h)](
+        q, k, v, bias, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(), *dq.stride(),
+        h, group, lq, lk, d, scale * LOG2E, scale,
+        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, **common,
+    )  # fmt: skip
+    mod.attention_bwd_dkdv[(triton.cdiv(lk, opts.bwd_block_n), b * h)](
+        q, k, v, bias, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
+        *dk.stride(), h, group, lq, lk, d, scale * LOG2E, scale,
+        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, **common,
+    )  # fmt: skip
+    if group > 1:
+        dk = dk.view(b, hkv, group, lk, d).sum(2)
+        dv = dv.view(b, hkv, group, lk, d).sum(2)
+    return dq, dk, dv
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, causal, opts):
+        o, lse, bias, bs = forward(q, k, v, mask, scale, causal, opts)
+        ctx.save_for_backward(q, k, v, o, lse, bias)
+        ctx.meta = (bs, mask is not None, scale, causal, opts)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, bias = ctx.saved_tensors
+        bs, has_bias, scale, causal, opts = ctx.meta
+        dq, dk, dv = backward(do, q, k, v, o, lse, bias, bs, has_bias, scale, causal, opts)
+        return dq, dk, dv, None, None, None, None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    if q.shape[-1] != v.shape[-1]:
+        return "value head dim differs from query head dim"
+    if q.shape[-1] > 256:
+        return "head dim above 256"
+    if mask is not None and mask.requires_grad:
+        return "the additive mask needs a gradient"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}"
+    return None
+
+
+def fused_attention(q, k, v, mask=None, *, scale, causal, return_weights=False, **overrides):
+    """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings."""
+    opts = AttentionOptions.default(q.shape[-1], q.device).with_overrides(**overrides)
+    return _FusedAttention.apply(q, k, v, mask, scale, causal, opts)
+
+
+def flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool) -> float:
+    f = 4.0 * b * h * lq * lk * d
+    return f / 2 if causal else f
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

@@ -1,0 +1,116 @@
+"""Triton backend: the torch FX module with each it.transform that has a Triton kernel routed to it.
+
+Layers whose (family, lowering) has a kernel here run through it (forward and backward, via autograd Functions).
+A layer runs on the torch backend instead, with one warning and an entry in ``module.fallbacks`` (also copied into
+``module.program.meta["fallbacks"]``), when its lowering has no kernel, when its inputs are outside what the kernel
+takes, or when the kernel fails to compile or launch. Never a wrong answer: the fallback is the reference code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from ...ir.core import Node, Program
+from ...ir.families import parse_lowering
+from ..torch.codegen import ItnetModule, generate
+from ..torch.registry import implementation
+from . import attention
+
+Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
+KERNELS: dict[tuple[str, str], Entry] = {}
+# Lowerings that are meant to run on the vendor library or the reference: not a fallback when chosen.
+TORCH_BY_DESIGN = {"library", "dense"}
+
+
+def register(family: str, lowering: str):
+    def deco(fn: Entry) -> Entry:
+        KERNELS[(family, lowering)] = fn
+        return fn
+
+    return deco
+
+
+@register("dot_exp", "fused")
+def _(node: Node):
+    opts = {"block_m", "block_n", "num_warps", "num_stages", "bwd_block_m", "bwd_block_n"}
+
+    def check(q, k, v, mask=None, **_: object) -> str | None:
+        if node.attrs.return_weights:
+            return "the layer returns its attention weights"
+        return attention.supported(q, k, v, mask)
+
+    return attention.fused_attention, check, opts
+
+
+def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:
+    name, _ = parse_lowering(node.attrs.lowering)
+    plain = Node(node.op, node.args, node.kwargs, node.outputs, node.attrs.replace(lowering=name), node.layer)
+    return implementation(plain)
+
+
+class TritonBuild:
+    """Resolves transforms for ``generate`` and keeps the record of fallbacks."""
+
+    def __init__(self) -> None:
+        self.fallbacks: dict[str, str] = {}
+
+    def fall_back(self, layer: str, reason: str) -> None:
+        if layer in self.fallbacks:
+            return
+        self.fallbacks[layer] = reason
+        warnings.warn(f"itnet: layer '{layer}' runs on the torch backend: {reason}", stacklevel=3)
+
+    def resolve(self, node: Node) -> tuple[Callable[..., object], dict[str, object]]:
+        name, opts = parse_lowering(node.attrs.lowering)
+        ref, static = _torch_impl(node)
+        entry = KERNELS.get((node.family, name))
+        if entry is None:
+            if name not in TORCH_BY_DESIGN:
+                self.fall_back(node.layer, f"no Triton kernel for {node.family} lowering '{name}'")
+            return ref, static
+        kernel, check, known = entry(node)
+        bad = set(opts) - known
+        if bad:
+            from ...errors import ItnetError
+
+            raise ItnetError(f"unknown Triton option(s) {sorted(bad)} for '{name}'; known: {sorted(known)}",
+                             layer=node.layer)  # fmt: skip
+        torch_static = {k: v for k, v in static.items() if k not in opts}
+        return self._guard(node.layer, kernel, check, ref, torch_static, opts), torch_static
+
+    def _guard(self, layer, kernel, check, ref, torch_static, opts):
+        build = self
+
+        def run(*args, **kw):
+            if layer not in build.fallbacks:
+                reason = check(*args, **kw)
+                if reason is None and not _can_launch(args):
+                    reason = "no CUDA device and TRITON_INTERPRET is not set"
+                if reason is None:
+                    try:
+                        return kernel(*args, **kw, **opts)
+                    except Exception as e:  # compile and launch errors come in many types
+                        reason = f"kernel failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                build.fall_back(layer, reason)
+            return ref(*args, **kw)
+
+        run.__name__ = f"triton_{layer.replace('.', '_') or 'layer'}"
+        return run
+
+
+def _can_launch(args: tuple) -> bool:
+    from ... import config
+
+    t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return t is not None and (t.is_cuda or config.triton_interpret())
+
+
+def build_triton(prog: Program) -> ItnetModule:
+    tb = TritonBuild()
+    mod = ItnetModule(prog, generate(prog, tb.resolve))
+    mod.fallbacks = tb.fallbacks
+    prog.meta["fallbacks"] = tb.fallbacks
+    return mod

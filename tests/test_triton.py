@@ -1,0 +1,169 @@
+"""Triton backend on the CPU through the interpreter: kernels against float64 references, generated sources as
+snapshots, fallbacks, and real models end to end (forward and one training step)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ITNET_TEST_GPU") else "1")
+
+import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter walks module members)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model  # noqa: E402
+
+import itnet_compiler as itc  # noqa: E402
+from itnet_compiler.backends.torch.attention import attention_dense  # noqa: E402
+from itnet_compiler.backends.triton import attention as tri_attn  # noqa: E402
+from itnet_compiler.backends.triton import loader, templates  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # b, h, h_kv, l_q, l_k, d, causal, mask
+    (1, 2, 2, 40, 40, 16, False, None),
+    (2, 4, 2, 33, 33, 32, True, None),
+    (1, 2, 1, 20, 37, 24, False, "bool"),
+    (1, 3, 3, 32, 32, 16, True, "additive"),
+    (2, 2, 2, 17, 17, 64, False, "row"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_fused_attention_forward_and_gradients(case, dtype):
+    b, h, hkv, lq, lk, d, causal, mask_kind = case
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, hh, n, d, generator=g) for hh, n in ((h, lq), (hkv, lk), (hkv, lk)))
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+        mask[..., 0] = True
+    elif mask_kind == "additive":
+        mask = torch.randn(b, h, lq, lk, generator=g)
+    elif mask_kind == "row":
+        mask = torch.randn(lq, lk, generator=g)
+    do = torch.randn(b, h, lq, d, generator=g)
+    leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+    dmask = None if mask is None else mask.to(DEVICE)
+    out = tri_attn.fused_attention(*leaves, dmask, scale=d**-0.5, causal=causal)
+    grads = torch.autograd.grad(out, leaves, do.to(DEVICE, dtype))
+    ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref_mask = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+    ref = attention_dense(*ref_leaves, ref_mask, scale=d**-0.5, causal=causal, return_weights=False)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    assert _rel(out.cpu(), ref) <= tol
+    for name, a, r in zip("qkv", grads, ref_grads, strict=True):
+        assert _rel(a.cpu(), r) <= tol, f"d{name}"
+
+
+def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
+    source = loader.render(templates.ATTENTION, {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL})
+    golden = os.path.join(GOLDEN, "dot_exp_fused.py")
+    if os.environ.get("ITNET_UPDATE_GOLDEN"):
+        with open(golden, "w") as f:
+            f.write(source)
+    with open(golden) as f:
+        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    loader._LOADED.clear()
+    mod = loader.load("dot_exp_fused", source)
+    path = loader.source_path("dot_exp_fused", source)
+    assert path.parent == tmp_path / "triton" and path.read_text() == source
+    assert mod.__file__ == str(path)
+    assert loader.load("dot_exp_fused", source) is mod
+    with pytest.raises(KeyError, match="unfilled"):
+        loader.render(templates.ATTENTION, {"TITLE": "x"})
+
+
+def test_debug_level_3_prints_generated_source(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ITNET_DEBUG", "3")
+    loader._LOADED.clear()
+    tri_attn.kernels()
+    err = capsys.readouterr().err
+    assert "def attention_fwd" in err and "tl.dot(q, kT" in err
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, attn_implementation="eager")  # fmt: skip
+    return BertModel(cfg).eval(), (torch.randint(0, 100, (2, 16)),)
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64, use_cache=False,
+                     attn_implementation="sdpa")  # fmt: skip
+    return GPT2Model(cfg).eval(), (torch.randint(0, 100, (2, 16)),)
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+@pytest.mark.parametrize("factory", [_bert, _gpt2], ids=["bert", "gpt2"])
+def test_real_model_runs_and_trains_on_triton(factory):
+    model, args = factory()
+    prog = itc.convert(model, args)
+    mod = itc.build(prog, backend="triton")
+    assert [t.lowering for t in mod.program.transforms] == ["fused"] * len(prog.transforms)
+    assert mod.fallbacks == {}
+    out, ref = mod(*args), model(*args)
+    assert type(out) is type(ref)
+    for a, r in zip(_leaves(out), _leaves(ref), strict=True):
+        assert _rel(a, r) <= 1e-5
+    # one training step: same gradients as eager for every parameter
+    r = torch.randn_like(_leaves(ref)[0])
+    (_leaves(out)[0] * r).sum().backward()
+    (_leaves(ref)[0] * r).sum().backward()
+    ref_grads = dict(model.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in ref_grads.values() if p.grad is not None)
+    checked = 0
+    for name, p in mod.gm.named_parameters():
+        if p.grad is None:
+            continue
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-5 * scale)
+        checked += 1
+    assert checked >= len(ref_grads) - 2  # the pooler does not feed the first output
+
+
+def test_failing_kernel_falls_back_with_one_warning_and_is_recorded(monkeypatch):
+    model, args = _bert()
+    prog = itc.convert(model, args)
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed\nsecond line")
+
+    monkeypatch.setattr(tri_attn, "fused_attention", broken)
+    mod = itc.build(prog, backend="triton", plan={"encoder.layer.1.*": "dense"})
+    with pytest.warns(UserWarning, match="layer 'encoder.layer.0.attention.self' runs on the torch backend") as rec:
+        out = mod(*args)
+        mod(*args)
+    assert len(rec) == 1
+    assert mod.fallbacks == {"encoder.layer.0.attention.self": "kernel failed (RuntimeError: PTX assembly failed)"}
+    assert mod.program.meta["fallbacks"] == mod.fallbacks
+    assert _rel(out.last_hidden_state, model(*args).last_hidden_state) <= 1e-5
+
+
+def test_layer_returning_weights_keeps_an_exact_lowering_that_materialises_them():
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    prog = itc.convert(mha, (x, x, x))
+    (t,) = prog.transforms
+    assert t.attrs.return_weights
+    mod = itc.build(prog, backend="triton", plan={"*": "fused"})
+    assert [n.lowering for n in mod.program.transforms] == ["library"]
+    for a, r in zip(_leaves(mod(x, x, x)), _leaves(mha(x, x, x)), strict=True):
+        assert _rel(a, r) <= 1e-5
+    with pytest.raises(itc.ItnetError, match="returns its attention weights"):
+        itc.build(prog, backend="triton", plan={t.layer: "fused"})
