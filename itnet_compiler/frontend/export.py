@@ -147,7 +147,7 @@ class _Importer:
             if not isinstance(e, sympy.Symbol):
                 continue
             hi = rng.upper
-            hi_val = int(hi) if hi.is_finite and hi.is_integer else None
+            hi_val = int(hi) if _finite_int(hi) else None
             self.prog.symbols[e.name] = [int(rng.lower), hi_val]
         used = set()
         for v in self.prog.values():
@@ -207,6 +207,18 @@ class _Importer:
 
     def output(self, n: fx.Node) -> None:
         self.prog.outputs = [self.arg(a, n) for a in n.args[0]]
+
+
+def _finite_int(x: object) -> bool:
+    """A bound from torch's value ranges that is a plain integer (torch's ``int_oo`` claims to be finite)."""
+    try:
+        from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
+
+        if isinstance(x, (IntInfinity, NegativeIntInfinity)):
+            return False
+    except ImportError:  # older torch: sympy.oo is the unbounded marker
+        pass
+    return bool(getattr(x, "is_finite", False)) and bool(getattr(x, "is_integer", False))
 
 
 def _ssa(name: str) -> str:

@@ -16,8 +16,8 @@ import torch
 from ...ir.core import Node, Program
 from ...ir.families import parse_lowering
 from ..torch.codegen import ItnetModule, generate
-from ..torch.registry import implementation
-from . import attention
+from ..torch.registry import LOWERINGS, implementation
+from . import attention, conv
 
 Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
 KERNELS: dict[tuple[str, str], Entry] = {}
@@ -45,8 +45,20 @@ def _(node: Node):
     return attention.fused_attention, check, opts
 
 
+@register("stationary", "fused")
+def _(node: Node):
+    def check(x, weight, bias=None, **static: object) -> str | None:
+        return conv.supported(x, weight, **static)
+
+    return conv.depthwise_conv, check, {"block_c", "block_l", "num_warps"}
+
+
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:
+    """The torch implementation of the same lowering (options dropped), or the exact ``library`` one if torch has
+    none: what a layer runs when its kernel cannot."""
     name, _ = parse_lowering(node.attrs.lowering)
+    if (node.family, name) not in LOWERINGS:
+        name = "library"
     plain = Node(node.op, node.args, node.kwargs, node.outputs, node.attrs.replace(lowering=name), node.layer)
     return implementation(plain)
 
