@@ -167,3 +167,67 @@ def test_layer_returning_weights_keeps_an_exact_lowering_that_materialises_them(
         assert _rel(a, r) <= 1e-5
     with pytest.raises(itc.ItnetError, match="returns its attention weights"):
         itc.build(prog, backend="triton", plan={t.layer: "fused"})
+
+
+CONV_CASES = [
+    # rank, c_in, c_out, size, kernel, stride, dilation, padding, groups, transposed, output_padding, mode
+    (1, 6, 6, (20,), (4,), (1,), (1,), ((3, 0),), 6, False, (0,), "zeros"),  # depthwise causal (Mamba)
+    (2, 4, 4, (9, 7), (3, 2), (2, 1), (1, 2), ((1, 1), (2, 0)), 4, False, (0, 0), "zeros"),  # depthwise 2-d
+    (2, 4, 4, (8, 8), (3, 3), (1, 1), (1, 1), ((1, 1), (1, 1)), 4, False, (0, 0), "reflect"),
+    (2, 4, 6, (9, 8), (3, 3), (2, 1), (1, 2), ((1, 1), (2, 2)), 2, False, (0, 0), "zeros"),  # grouped, dilated
+    (1, 3, 5, (13,), (4,), (2,), (1,), ((1, 2),), 1, False, (0,), "circular"),
+    (2, 4, 6, (5, 6), (3, 3), (2, 2), (1, 1), ((1, 1), (1, 1)), 2, True, (1, 0), "zeros"),  # transposed
+    (1, 4, 4, (7,), (3,), (3,), (2,), ((1, 1),), 1, True, (2,), "zeros"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"r{c[0]}-g{c[8]}-t{int(c[9])}-{c[11]}")
+def test_stationary_kernels_forward_and_gradients(case, dtype):
+    from itnet_compiler.backends.torch.conv import conv_library
+    from itnet_compiler.backends.triton import conv as tri_conv
+
+    rank, cin, cout, size, k, s, d, pad, groups, transposed, op, mode = case
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cin, *size, generator=g)
+    wshape = (cin, cout // groups, *k) if transposed else (cout, cin // groups, *k)
+    w = torch.randn(*wshape, generator=g) * 0.5
+    b = torch.randn(cout, generator=g)
+    static = dict(stride=s, padding=pad, dilation=d, groups=groups, transposed=transposed, output_padding=op,
+                  padding_mode=mode)  # fmt: skip
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (x, w, b)]
+    y = tri_conv.stationary_conv(*leaves, **static)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    ref = conv_library(*ref_leaves, **static)
+    dy = torch.randn(ref.shape, generator=g)
+    grads = torch.autograd.grad(y, leaves, dy.to(DEVICE, dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert y.shape == ref.shape and _rel(y.cpu(), ref) <= tol
+    for name, a, r in zip(("dx", "dw", "db"), grads, ref_grads, strict=True):
+        assert _rel(a.cpu(), r) <= tol, name
+
+
+def test_cnn_runs_and_trains_on_triton_and_records_the_3d_fallback():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("cnn", Path(__file__).parents[1] / "examples" / "cnn.py")
+    cnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cnn)
+    torch.manual_seed(0)
+    model = cnn.VariantCNN().eval()
+    args = (torch.randn(1, 3, 12, 12), torch.randn(1, 1, 4, 4, 4))
+    prog = itc.convert(model, args)
+    mod = itc.build(prog, backend="triton")
+    with pytest.warns(UserWarning, match="layer 'vol' runs on the torch backend"):
+        out = mod(*args)
+    ref = model(*args)
+    assert _rel(out, ref) <= 1e-5
+    assert mod.fallbacks == {"vol": "only 1-d and 2-d convolutions have a Triton kernel"}
+    r = torch.randn_like(ref)
+    (out * r).sum().backward()
+    (ref * r).sum().backward()
+    ref_params = dict(model.named_parameters())
+    for name, p in mod.gm.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5)

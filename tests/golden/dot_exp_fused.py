@@ -13,17 +13,59 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal."""
     s = tl.dot(q, kT, input_precision=PREC) * qk_scale
     if HAS_BIAS:
         bmask = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
         bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=bmask,
                        other=0.0)
         s += bias.to(tl.float32) * 1.4426950408889634
-    valid = offs_n[None, :] < LK
-    if CAUSAL:
-        valid = valid & (offs_m[:, None] >= offs_n[None, :])
-    return tl.where(valid, s, float("-inf"))
+    if MASK:
+        valid = offs_n[None, :] < LK
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _split(lo, hi, first_masked):
+    """Column tiles [lo, hi) split at first_masked: tiles before it need no mask."""
+    return tl.minimum(tl.maximum(first_masked, lo), hi)
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
+               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK:
+            nmask = offs_n < LK
+            kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+        else:
+            kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=dmask[:, None], other=0.0)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -47,23 +89,17 @@ def attention_fwd(Q, K, V, BIAS, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = LK
+    first_masked = (LK // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < LK
-        kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        first_masked = tl.minimum(first_masked, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+    mid = _split(0, hi, first_masked)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, 0, mid,
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                               HAS_BIAS, CAUSAL, PREC, False, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                               HAS_BIAS, CAUSAL, PREC, True, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
@@ -106,7 +142,8 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
         vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    True)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -150,7 +187,8 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
         delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    True)
         p = tl.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)

@@ -31,14 +31,20 @@ class AttentionOptions:
     bwd_num_stages: int = 2
 
     @staticmethod
-    def default(d: int, device: torch.device) -> AttentionOptions:
+    def default(d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> AttentionOptions:
+        """Measured on an H200 (bench/gpu.py); large head dims and fp32 get smaller tiles to fit shared memory."""
         if device.type != "cuda":  # interpreter: small tiles keep numpy fast
             return AttentionOptions(16, 16, 1, 1, 16, 16, 1, 1)
+        wide = dtype == torch.float32
         if d <= 64:
             return AttentionOptions(128, 64, 4, 3, 64, 64, 4, 2)
+        if d <= 128 and not wide:
+            return AttentionOptions(128, 128, 8, 3, 64, 64, 4, 2)
         if d <= 128:
-            return AttentionOptions(128, 64, 8, 3, 64, 64, 4, 2)
-        return AttentionOptions(64, 32, 8, 2, 32, 32, 4, 1)
+            return AttentionOptions(64, 64, 4, 2, 32, 64, 4, 2)
+        if not wide:
+            return AttentionOptions(64, 32, 4, 2, 32, 32, 4, 1)
+        return AttentionOptions(32, 32, 4, 1, 16, 32, 4, 1)
 
     def with_overrides(self, **kw: int) -> AttentionOptions:
         return replace(self, **{k: int(v) for k, v in kw.items() if v is not None})
@@ -143,7 +149,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def fused_attention(q, k, v, mask=None, *, scale, causal, return_weights=False, **overrides):
     """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings."""
-    opts = AttentionOptions.default(q.shape[-1], q.device).with_overrides(**overrides)
+    opts = AttentionOptions.default(q.shape[-1], q.device, q.dtype).with_overrides(**overrides)
     return _FusedAttention.apply(q, k, v, mask, scale, causal, opts)
 
 

@@ -50,7 +50,7 @@ def _(node: Node):
     def check(x, weight, bias=None, **static: object) -> str | None:
         return conv.supported(x, weight, **static)
 
-    return conv.depthwise_conv, check, {"block_c", "block_l", "num_warps"}
+    return conv.stationary_conv, check, {"block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages"}
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:

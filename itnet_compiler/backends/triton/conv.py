@@ -80,7 +80,7 @@ class _Depthwise(torch.autograd.Function):
         b = bias if bias is not None else w2
         kernels().dw_fwd[grid](
             x2, w2, b, y, c, h, w, oh, ow, *x2.stride(), *w2.stride(), *y.stride(), **g.constexprs(),
-            HAS_BIAS=bias is not None, BLOCK_C=opts.block_c, BLOCK_L=opts.block_l, num_warps=opts.num_warps,
+            HAS_BIAS=bias is not None, ONE_D=rank == 1, BLOCK_C=opts.block_c, BLOCK_L=opts.block_l, num_warps=opts.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, weight)
         ctx.meta = (g, opts, bias is not None, rank)
@@ -110,14 +110,150 @@ class _Depthwise(torch.autograd.Function):
         return (dx.squeeze(2) if rank == 1 else dx), dw, db, None, None, None, None
 
 
+@dataclass(frozen=True)
+class GemmOptions:
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @staticmethod
+    def default(device: torch.device) -> GemmOptions:
+        return GemmOptions() if device.type == "cuda" else GemmOptions(32, 32, 32, 1, 1)
+
+
+def gemm_kernels():
+    source = loader.render(
+        templates.IMPLICIT_GEMM, {"TITLE": "stationary implicit GEMM", "KERNEL": templates.STATIONARY_GEMM_KERNEL}
+    )
+    return loader.load("stationary_gemm", source)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _geom_kw(g: _Geom, dtype: torch.dtype) -> dict[str, object]:
+    return {**g.constexprs(), "PREC": _prec(dtype)}
+
+
+def _w4(weight: torch.Tensor) -> torch.Tensor:
+    return weight.unsqueeze(2) if weight.dim() == 3 else weight
+
+
+def _launch(name: str, grid_m: int, grid_n: int, groups: int, opts: GemmOptions, *args, **kw) -> None:
+    grid = (triton.cdiv(grid_m, opts.block_m), triton.cdiv(grid_n, opts.block_n), groups)
+    getattr(gemm_kernels(), name)[grid](*args, **kw, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n,
+                                        BLOCK_K=opts.block_k, num_warps=opts.num_warps, num_stages=opts.num_stages)
+
+
+def _fwd(x2, w4, bias, out_hw, g: _Geom, groups: int, opts: GemmOptions) -> torch.Tensor:
+    n, cin, h, w = x2.shape
+    co = w4.shape[0] // groups
+    oh, ow = out_hw
+    y = torch.empty(n, co * groups, oh, ow, dtype=x2.dtype, device=x2.device)
+    _launch("conv_fwd", n * oh * ow, co, groups, opts, x2, w4, bias if bias is not None else w4, y, n, h, w, oh, ow,
+            cin // groups, co, *x2.stride(), *w4.stride(), *y.stride(), HAS_BIAS=bias is not None,
+            **_geom_kw(g, x2.dtype))  # fmt: skip
+    return y
+
+
+def _dgrad(dy2, w4, in_hw, g: _Geom, groups: int, opts: GemmOptions) -> torch.Tensor:
+    n, cout, oh, ow = dy2.shape
+    h, w = in_hw
+    ci = w4.shape[1]
+    dx = torch.empty(n, ci * groups, h, w, dtype=dy2.dtype, device=dy2.device)
+    _launch("conv_dgrad", n * h * w, ci, groups, opts, dy2, w4, dx, n, h, w, oh, ow, ci, cout // groups,
+            *dy2.stride(), *w4.stride(), *dx.stride(), **_geom_kw(g, dy2.dtype))  # fmt: skip
+    return dx
+
+
+def _wgrad(x2, dy2, wshape, g: _Geom, groups: int, opts: GemmOptions) -> torch.Tensor:
+    n, cin, h, w = x2.shape
+    oh, ow = dy2.shape[2:]
+    dw = torch.empty(wshape, dtype=torch.float32, device=x2.device)
+    co = wshape[0] // groups
+    ci = wshape[1]
+    _launch("conv_wgrad", co, ci * wshape[2] * wshape[3], groups, opts, x2, dy2, dw, n, h, w, oh, ow, ci, co,
+            *x2.stride(), *dy2.stride(), *dw.stride(), **_geom_kw(g, x2.dtype))  # fmt: skip
+    return dw
+
+
+class _Direct(torch.autograd.Function):
+    """Grouped/dense convolution (and transposed convolution) through the implicit-GEMM kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, transposed, output_padding, opts):
+        rank = x.dim() - 2
+        g = _geom(weight, stride, padding, dilation)
+        x2, w4 = _as2d(x), _w4(weight)
+        pads = padding if rank == 2 else ((0, 0), padding[0])
+        outp = output_padding if rank == 2 else (0, output_padding[0])
+        if transposed:
+            out_hw = tuple(
+                (x2.shape[2 + i] - 1) * g.stride[i] - 2 * pads[i][0] + g.dil[i] * (g.k[i] - 1) + outp[i] + 1
+                for i in range(2)
+            )
+            y = _dgrad(x2, w4, out_hw, g, groups, opts)
+            if bias is not None:
+                y = y + bias.view(1, -1, 1, 1).to(y.dtype)
+        else:
+            out_hw = tuple(_out_size(x2.shape[2 + i], *pads[i], g.dil[i], g.k[i], g.stride[i]) for i in range(2))
+            y = _fwd(x2, w4, bias, out_hw, g, groups, opts)
+        ctx.save_for_backward(x, weight)
+        ctx.meta = (g, groups, transposed, bias is not None, rank, opts)
+        return y.squeeze(2) if rank == 1 else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        g, groups, transposed, has_bias, rank, opts = ctx.meta
+        x2, w4, dy2 = _as2d(x), _w4(weight), _as2d(dy.contiguous())
+        if transposed:  # y = dgrad(x, w): dx = fwd(dy, w), dw = wgrad(dy as input, x as output grad)
+            dx = _fwd(dy2, w4, None, tuple(x2.shape[2:]), g, groups, opts)
+            dw = _wgrad(dy2, x2, w4.shape, g, groups, opts)
+        else:
+            dx = _dgrad(dy2, w4, tuple(x2.shape[2:]), g, groups, opts)
+            dw = _wgrad(x2, dy2, w4.shape, g, groups, opts)
+        db = dy2.sum((0, 2, 3)).to(dy.dtype) if has_bias else None
+        dx = dx.squeeze(2) if rank == 1 else dx
+        return dx, dw.view(weight.shape).to(weight.dtype), db, None, None, None, None, None, None, None
+
+
+def direct_conv(x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding,
+                padding_mode, **overrides):  # fmt: skip
+    if padding_mode != "zeros":
+        pads = [p for lo_hi in reversed(padding) for p in lo_hi]
+        x = torch.nn.functional.pad(x, pads, mode=padding_mode)
+        padding = tuple((0, 0) for _ in padding)
+    opts = GemmOptions.default(x.device)
+    if overrides:
+        opts = GemmOptions(**{**opts.__dict__, **{k: int(v) for k, v in overrides.items()}})
+    return _Direct.apply(x, weight, bias, tuple(stride), tuple(tuple(p) for p in padding), tuple(dilation), groups,
+                         transposed, tuple(output_padding), opts)  # fmt: skip
+
+
+def is_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int, transposed: bool) -> bool:
+    return not transposed and groups == x.shape[1] and weight.shape[0] == groups
+
+
 def supported(x, weight, *, groups, transposed, padding_mode, **_: object) -> str | None:
-    if transposed:
-        return "transposed convolution has no Triton kernel yet"
     if x.dim() not in (3, 4):
         return "only 1-d and 2-d convolutions have a Triton kernel"
-    if groups != x.shape[1] or weight.shape[0] != groups:
-        return "only depthwise convolutions (groups = channels, multiplier 1) have a Triton kernel"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype}"
     return None
+
+
+def stationary_conv(x, weight, bias=None, **static):
+    """Dispatch: depthwise kernel for depthwise layers, implicit GEMM for the rest."""
+    dw_keys = {"block_c", "block_l", "num_warps"}
+    gemm_keys = {"block_m", "block_n", "block_k", "num_warps", "num_stages"}
+    base = {k: v for k, v in static.items() if k not in dw_keys | gemm_keys}
+    if is_depthwise(x, weight, static["groups"], static["transposed"]):
+        return depthwise_conv(x, weight, bias, **base, **{k: v for k, v in static.items() if k in dw_keys})
+    return direct_conv(x, weight, bias, **base, **{k: v for k, v in static.items() if k in gemm_keys})
 
 
 def depthwise_conv(x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding,

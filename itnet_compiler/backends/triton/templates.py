@@ -24,12 +24,54 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal."""
 {{KERNEL}}
-    valid = offs_n[None, :] < LK
-    if CAUSAL:
-        valid = valid & (offs_m[:, None] >= offs_n[None, :])
-    return tl.where(valid, s, float("-inf"))
+    if MASK:
+        valid = offs_n[None, :] < LK
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _split(lo, hi, first_masked):
+    """Column tiles [lo, hi) split at first_masked: tiles before it need no mask."""
+    return tl.minimum(tl.maximum(first_masked, lo), hi)
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
+               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASK:
+            nmask = offs_n < LK
+            kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+        else:
+            kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=dmask[:, None], other=0.0)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=nmask[:, None] & dmask[None, :], other=0.0)
+        else:
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -53,23 +95,17 @@ def attention_fwd(Q, K, V, BIAS, O, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = LK
+    first_masked = (LK // BLOCK_N) * BLOCK_N
     if CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < LK
-        kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=nmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        first_masked = tl.minimum(first_masked, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
+    mid = _split(0, hi, first_masked)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, 0, mid,
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                               HAS_BIAS, CAUSAL, PREC, False, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                               HAS_BIAS, CAUSAL, PREC, True, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
@@ -112,7 +148,8 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
         vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
                      mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    True)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -156,7 +193,8 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
         delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
+                    True)
         p = tl.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -192,7 +230,7 @@ import triton.language as tl
 def dw_fwd(X, Wt, Bias, Y, C, H, W, OH, OW,
            sxn, sxc, sxh, sxw, swc, swh, sww, syn, syc, syh, syw,
            SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
-           DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+           DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_D: tl.constexpr,
            BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -201,14 +239,21 @@ def dw_fwd(X, Wt, Bias, Y, C, H, W, OH, OW,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     omask = offs_o < OH * OW
     cmask = offs_c < C
-    oh = offs_o // OW
-    ow = offs_o % OW
+    if ONE_D:  # a sequence: no div/mod, contiguous positions
+        oh = offs_o * 0
+        ow = offs_o
+    else:
+        oh = offs_o // OW
+        ow = offs_o % OW
     acc = tl.zeros([BLOCK_C, BLOCK_L], tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
             ih = oh * SH - PH + kh * DH
             iw = ow * SW - PW + kw * DW
-            valid = omask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            if ONE_D:
+                valid = omask & (iw >= 0) & (iw < W)
+            else:
+                valid = omask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
 {{KERNEL}}
     if HAS_BIAS:
         acc += tl.load(Bias + offs_c, mask=cmask, other=0.0).to(tl.float32)[:, None]
@@ -281,3 +326,132 @@ STATIONARY_DEPTHWISE_KERNEL = """            w = tl.load(Wt + offs_c * swc + kh 
             x = tl.load(X + n * sxn + offs_c[:, None] * sxc + ih[None, :] * sxh + iw[None, :] * sxw,
                         mask=cmask[:, None] & valid[None, :], other=0.0).to(tl.float32)
             acc += w[:, None] * x"""
+
+IMPLICIT_GEMM = '''"""Generated by itnet: {{TITLE}}.
+
+Notation: stationary kernel on a 2-d grid (1-d is H = OH = KH = 1), per group g: x [N, G·CI, H, W],
+w [G·CO, CI, KH, KW], y [N, G·CO, OH, OW]; tap t = (kh, kw) maps output point (oh, ow) to input point
+(oh·SH − PH + kh·DH, ow·SW − PW + kw·DW), zero outside. Each of the three products is an implicit GEMM whose operand
+tiles are gathered through that index map (nothing is materialised):
+- conv_fwd:   y[(n,oh,ow), co] = Σ_(ci,t) x[n, ci, i(o,t)] · w[co, ci, t]           (M = N·OH·OW, K = CI·KH·KW)
+- conv_dgrad: dx[(n,ih,iw), ci] = Σ_(co,t) dy[n, co, o(i,t)] · w[co, ci, t]         (o(i,t) must be whole, in range)
+- conv_wgrad: dw[co, (ci,t)] = Σ_(n,oh,ow) dy[n, co, o] · x[n, ci, i(o,t)]           (M = CO, K = N·OH·OW)
+A transposed convolution is conv_dgrad forward; its input gradient is conv_fwd and its weight gradient conv_wgrad
+with x and dy exchanged.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def conv_fwd(X, Wt, Bias, Y, NB, H, W, OH, OW, CI, CO,
+             sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+             SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+             DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < NB * OH * OW
+    comask = offs_co < CO
+    n = offs_m // (OH * OW)
+    ohw = offs_m % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, CI * KH * KW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < CI * KH * KW
+        ci = offs_k // (KH * KW)
+        kh = (offs_k % (KH * KW)) // KW
+        kw = offs_k % KW
+        ih = oh[:, None] * SH - PH + kh[None, :] * DH
+        iw = ow[:, None] * SW - PW + kw[None, :] * DW
+        valid = mmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(X + n[:, None] * sxn + (g * CI + ci[None, :]) * sxc + ih * sxh + iw * sxw, mask=valid, other=0.0)
+        b = tl.load(Wt + (g * CO + offs_co[None, :]) * swo + ci[:, None] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=kmask[:, None] & comask[None, :], other=0.0)
+{{KERNEL}}
+    if HAS_BIAS:
+        acc += tl.load(Bias + g * CO + offs_co, mask=comask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + n[:, None] * syn + (g * CO + offs_co[None, :]) * syc + oh[:, None] * syh + ow[:, None] * syw
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & comask[None, :])
+
+
+@triton.jit
+def conv_dgrad(DY, Wt, DX, NB, H, W, OH, OW, CI, CO,
+               sdn, sdc, sdh, sdw, swo, swi, swh, sww, sxn, sxc, sxh, sxw,
+               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+               DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = offs_m < NB * H * W
+    cimask = offs_ci < CI
+    n = offs_m // (H * W)
+    hw = offs_m % (H * W)
+    ih = hw // W
+    iw = hw % W
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, CO * KH * KW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < CO * KH * KW
+        co = offs_k // (KH * KW)
+        kh = (offs_k % (KH * KW)) // KW
+        kw = offs_k % KW
+        th = ih[:, None] + PH - kh[None, :] * DH
+        tw = iw[:, None] + PW - kw[None, :] * DW
+        oh = th // SH
+        ow = tw // SW
+        valid = mmask[:, None] & kmask[None, :] & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0)
+        valid = valid & (oh < OH) & (ow < OW)
+        a = tl.load(DY + n[:, None] * sdn + (g * CO + co[None, :]) * sdc + oh * sdh + ow * sdw, mask=valid, other=0.0)
+        b = tl.load(Wt + (g * CO + co[:, None]) * swo + offs_ci[None, :] * swi + kh[:, None] * swh + kw[:, None] * sww,
+                    mask=kmask[:, None] & cimask[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PREC)
+    x_ptrs = DX + n[:, None] * sxn + (g * CI + offs_ci[None, :]) * sxc + ih[:, None] * sxh + iw[:, None] * sxw
+    tl.store(x_ptrs, acc.to(DX.dtype.element_ty), mask=mmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def conv_wgrad(X, DY, DWt, NB, H, W, OH, OW, CI, CO,
+               sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, swo, swi, swh, sww,
+               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr,
+               DW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = offs_co < CO
+    jmask = offs_j < CI * KH * KW
+    ci = offs_j // (KH * KW)
+    kh = (offs_j % (KH * KW)) // KW
+    kw = offs_j % KW
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, NB * OH * OW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < NB * OH * OW
+        n = offs_k // (OH * OW)
+        ohw = offs_k % (OH * OW)
+        oh = ohw // OW
+        ow = ohw % OW
+        a = tl.load(DY + n[None, :] * sdn + (g * CO + offs_co[:, None]) * sdc + oh[None, :] * sdh + ow[None, :] * sdw,
+                    mask=comask[:, None] & kmask[None, :], other=0.0)
+        ih = oh[:, None] * SH - PH + kh[None, :] * DH
+        iw = ow[:, None] * SW - PW + kw[None, :] * DW
+        valid = kmask[:, None] & jmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(X + n[:, None] * sxn + (g * CI + ci[None, :]) * sxc + ih * sxh + iw * sxw, mask=valid, other=0.0)
+        acc += tl.dot(a, b, input_precision=PREC)
+    w_ptrs = DWt + (g * CO + offs_co[:, None]) * swo + ci[None, :] * swi + kh[None, :] * swh + kw[None, :] * sww
+    tl.store(w_ptrs, acc.to(DWt.dtype.element_ty), mask=comask[:, None] & jmask[None, :])
+'''
+
+# The stationary family's kernel for a tile of taps: K(o, i) = W[co, ci, t], contracted on the tensor cores.
+STATIONARY_GEMM_KERNEL = """        acc += tl.dot(a, b, input_precision=PREC)"""
