@@ -17,7 +17,7 @@ from ...ir.core import Node, Program
 from ...ir.families import parse_lowering
 from ..torch.codegen import ItnetModule, generate
 from ..torch.registry import LOWERINGS, implementation
-from . import attention, conv
+from . import attention, conv, ssm
 
 Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
 KERNELS: dict[tuple[str, str], Entry] = {}
@@ -51,6 +51,14 @@ def _(node: Node):
         return conv.supported(x, weight, **static)
 
     return conv.stationary_conv, check, {"block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages"}
+
+
+@register("ssm", "scan")
+def _(node: Node):
+    def check(x, dt, A, B, C, *rest, **_: object) -> str | None:
+        return ssm.supported(x, dt, A, B, C)
+
+    return ssm.ssm_scan, check, set()
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:
