@@ -3,7 +3,9 @@
 One script, one call on the lent GPU: correctness of every kernel against torch on the GPU first (bf16/fp16/fp32),
 then timings (triton.testing.do_bench, median) of
 - fused dot_exp forward and forward+backward vs SDPA (cuDNN, flash) and FlexAttention, d128 N4096 bf16;
-- depthwise causal conv1d (k4) vs cuDNN and vs the copy bandwidth of the same card.
+- depthwise causal conv1d (k4) vs cuDNN and vs the copy bandwidth of the same card;
+- the implicit-GEMM convolution vs cuDNN (dense 3x3, bf16);
+- the ssm selective scan (Mamba layout) vs a torch loop and vs the copy bandwidth.
 Writes JSON to bench/results/gpu-<card>.json (or $OUT). Usage: PYTHONPATH=. python bench/gpu.py [--quick]
 """
 
@@ -24,8 +26,10 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from itnet_compiler.backends.torch.attention import attention_dense  # noqa: E402
+from itnet_compiler.backends.torch.recurrent import ssm_dense  # noqa: E402
 from itnet_compiler.backends.triton import attention as A  # noqa: E402
 from itnet_compiler.backends.triton import conv as C  # noqa: E402
+from itnet_compiler.backends.triton import ssm as S  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 dev = "cuda"
@@ -105,7 +109,8 @@ def check_attention():
 @section
 def check_depthwise():
     for dtype in (torch.float32, torch.bfloat16):
-        for rank, c, size, k, s, pad in ((1, 64, 1000, 4, 1, ((3, 0),)), (2, 32, (31, 29), (3, 3), 2, ((1, 1), (1, 1)))):
+        cases = ((1, 64, 1000, 4, 1, ((3, 0),)), (2, 32, (31, 29), (3, 3), 2, ((1, 1), (1, 1))))
+        for rank, c, size, k, s, pad in cases:
             size = size if isinstance(size, tuple) else (size,)
             kk = k if isinstance(k, tuple) else (k,)
             x = torch.randn(2, c, *size, device=dev, dtype=dtype, requires_grad=True)
@@ -135,8 +140,9 @@ def attn_flops(b, h, n, d, causal, bwd):
     return f * (3.5 if bwd else 1.0)
 
 
-CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2)]
-BWD_CONFIGS = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3)]
+CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3),
+           (64, 128, 4, 3)]
+BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 2)]
 
 
 @section
@@ -195,7 +201,6 @@ def attention_speed():
             row(f"flex fwd+bwd {tag}", bench(lambda: f().backward(g)), attn_flops(b, h, n, d, causal, True))
         except Exception as e:
             print("flex failed", type(e).__name__, str(e)[:300])
-        del q, k, v
 
 
 @section
@@ -203,7 +208,6 @@ def depthwise_speed():
     x0 = torch.randn(2**30 // 2, device=dev, dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
     row("copy 1GiB d2d", bench(lambda: y0.copy_(x0)), bytes_=2 * x0.numel() * 2)
-    del x0, y0
     x = torch.randn(16, 2048, 4096, device=dev, dtype=torch.bfloat16)
     w = torch.randn(2048, 1, 4, device=dev, dtype=torch.bfloat16)
     kw = dict(stride=(1,), padding=((3, 0),), dilation=(1,), groups=2048, transposed=False, output_padding=(0,),
@@ -219,9 +223,118 @@ def depthwise_speed():
             print("dw config failed", bc, bl, nw, type(e).__name__, str(e)[:200])
 
 
+@section
+def check_gemm_conv_and_ssm():
+    for dtype in (torch.float32, torch.bfloat16):
+        for transposed in (False, True):
+            x = torch.randn(2, 8, 19, 17, device=dev, dtype=dtype, requires_grad=True)
+            ws = (8, 6 // 2, 3, 3) if transposed else (6, 8 // 2, 3, 3)
+            w = torch.randn(*ws, device=dev, dtype=dtype, requires_grad=True)
+            kw = dict(stride=(2, 1), padding=((1, 1), (1, 1)), dilation=(1, 2), groups=2, transposed=transposed,
+                      output_padding=(1, 0) if transposed else (0, 0), padding_mode="zeros")  # fmt: skip
+            y = C.direct_conv(x, w, None, **kw)
+            dy = torch.randn_like(y)
+            g = torch.autograd.grad(y, (x, w), dy)
+            xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+            if transposed:
+                r = F.conv_transpose2d(xr, wr, None, (2, 1), (1, 1), (1, 0), 2, (1, 2))
+            else:
+                r = F.conv2d(xr, wr, None, (2, 1), (1, 1), (1, 2), 2)
+            gr = torch.autograd.grad(r, (xr, wr), dy.double())
+            errs = [rel(y, r)] + [rel(a, b2) for a, b2 in zip(g, gr)]
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            c = {"kernel": "stationary implicit gemm", "dtype": str(dtype), "transposed": transposed,
+                 "max_rel_err": max(errs), "ok": max(errs) <= tol}  # fmt: skip
+            CHECKS.append(c)
+            print(c, flush=True)
+    for P, N, G in ((1, 16, 1), (16, 32, 2)):
+        bsz, L, H = 2, 300, 8
+        ins = [torch.randn(bsz, L, H, P, device=dev), torch.randn(bsz, L, H, device=dev) * 0.5,
+               -torch.rand(H, N, device=dev), torch.randn(bsz, L, G, N, device=dev),
+               torch.randn(bsz, L, G, N, device=dev), torch.randn(H, device=dev), torch.randn(H, device=dev) * 0.1]
+        kw = dict(dt_softplus=True, dt_min=0.0, dt_max=float("inf"), return_state=False)
+        leaves = [t.clone().requires_grad_() for t in ins]
+        y = S.ssm_scan(*leaves, **kw)
+        dy = torch.randn_like(y)
+        g = torch.autograd.grad(y, leaves, dy)
+        ref_leaves = [t.double().clone().requires_grad_() for t in ins]
+        r = ssm_dense(*ref_leaves, **kw)
+        gr = torch.autograd.grad(r, ref_leaves, dy.double())
+        errs = [rel(y, r)] + [rel(a, b2) for a, b2 in zip(g, gr)]
+        c = {"kernel": "ssm scan", "P": P, "N": N, "max_rel_err": max(errs), "ok": max(errs) <= 1e-4}
+        CHECKS.append(c)
+        print(c, flush=True)
+    save()
+
+
+@section
+def gemm_conv_speed():
+    torch.backends.cudnn.benchmark = True
+    for bn, c, hw in ((64, 64, 56), (64, 256, 14)):
+        x = torch.randn(bn, c, hw, hw, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(c, c, 3, 3, device=dev, dtype=torch.bfloat16)
+        fl = 2 * bn * c * c * hw * hw * 9
+        xl, wl = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+        row(f"cudnn conv2d B{bn} C{c} {hw}x{hw} k3 (channels_last)", bench(lambda: F.conv2d(xl, wl, padding=1)), fl)
+        row(f"cudnn conv2d B{bn} C{c} {hw}x{hw} k3 (NCHW)", bench(lambda: F.conv2d(x, w, padding=1)), fl)
+        kw = dict(stride=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1, transposed=False,
+                  output_padding=(0, 0), padding_mode="zeros")  # fmt: skip
+        for bm, bnn, bk, nw, st in ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3)):
+            try:
+                ms = bench(lambda: C.direct_conv(x, w, None, **kw, block_m=bm, block_n=bnn, block_k=bk, num_warps=nw,
+                                                 num_stages=st))  # fmt: skip
+                row(f"itnet implicit-gemm conv2d B{bn} C{c} {hw}x{hw} k3", ms, fl,
+                    config=dict(block_m=bm, block_n=bnn, block_k=bk, num_warps=nw, num_stages=st))  # fmt: skip
+            except Exception as e:
+                print("gemm config failed", type(e).__name__, str(e)[:200])
+
+
+@section
+def ssm_speed():
+    bsz, D, N, L = 8, 1536, 16, 2048
+    x = torch.randn(bsz, D, L, device=dev)
+    dt = torch.rand(bsz, D, L, device=dev) * 0.1
+    A = -torch.rand(D, N, device=dev)
+    Bm = torch.randn(bsz, N, L, device=dev)
+    Cm = torch.randn(bsz, N, L, device=dev)
+    nbytes = (3 * bsz * D * L + 2 * bsz * N * L) * 4
+
+    def loop():
+        h = torch.zeros(bsz, D, N, device=dev)
+        ys = []
+        dA = torch.exp(dt.unsqueeze(-1) * A[None, :, None, :])
+        dBx = dt.unsqueeze(-1) * Bm.transpose(1, 2).unsqueeze(1) * x.unsqueeze(-1)
+        for t in range(L):
+            h = dA[:, :, t] * h + dBx[:, :, t]
+            ys.append((h * Cm[:, :, t].unsqueeze(1)).sum(-1))
+        return torch.stack(ys, -1)
+
+    row(f"torch loop selective scan fp32 B{bsz} D{D} N{N} L{L}", bench(loop, rep=20), bytes_=nbytes)
+    xs = x.transpose(1, 2).unsqueeze(-1)  # [B, L, H=D, P=1]
+    dts = dt.transpose(1, 2)
+    Bs = Bm.transpose(1, 2).unsqueeze(2)  # [B, L, G=1, N]
+    Cs = Cm.transpose(1, 2).unsqueeze(2)
+    kw = dict(dt_softplus=False, dt_min=-float("inf"), dt_max=float("inf"), return_state=False)
+    ref = loop().transpose(1, 2)
+    out = S.ssm_scan(xs, dts, A, Bs, Cs, **kw)[..., 0]
+    print("ssm max rel err vs loop", rel(out, ref))
+    row(f"itnet ssm scan fwd fp32 B{bsz} D{D} N{N} L{L}", bench(lambda: S.ssm_scan(xs, dts, A, Bs, Cs, **kw)),
+        bytes_=nbytes, err=rel(out, ref))  # fmt: skip
+    S.SEQUENTIAL_ONLY = True
+    row(f"itnet ssm scan fwd fp32 (sequential kernel) B{bsz} D{D} N{N} L{L}",
+        bench(lambda: S.ssm_scan(xs, dts, A, Bs, Cs, **kw)), bytes_=nbytes)  # fmt: skip
+    S.SEQUENTIAL_ONLY = False
+    leaves = [t.clone().requires_grad_() for t in (xs, dts, A, Bs, Cs)]
+    y = S.ssm_scan(*leaves, **kw)
+    g = torch.randn_like(y)
+    row(f"itnet ssm scan fwd+bwd fp32 B{bsz} D{D} N{N} L{L}", bench(lambda: S.ssm_scan(*leaves, **kw).backward(g)),
+        bytes_=nbytes * 3)  # fmt: skip
+
+
 print("\nTABLE")
 for r in ROWS:
-    extra = (f"{r['tflops']:>7.1f} TFLOP/s" if "tflops" in r else "") + (f"{r['gbps']:>8.1f} GB/s" if "gbps" in r else "")
+    extra = f"{r['tflops']:>7.1f} TFLOP/s" if "tflops" in r else ""
+    extra += f"{r['gbps']:>8.1f} GB/s" if "gbps" in r else ""
     print(f"{r['name']:<60} {r['ms']:>9.3f} ms  {extra}  {r.get('config', '')}")
 print("checks ok:", all(c["ok"] for c in CHECKS), len(CHECKS))
 save()

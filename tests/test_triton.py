@@ -241,13 +241,15 @@ SSM_CASES = [
 ]
 
 
+@pytest.mark.parametrize("sequential", [False, True], ids=["chunked-assoc-scan", "sequential"])
 @pytest.mark.parametrize("case", SSM_CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-P{c[3]}-G{c[4]}-sel{int(c[6])}")
-def test_ssm_scan_kernel_forward_state_and_gradients(case):
+def test_ssm_scan_kernel_forward_state_and_gradients(case, sequential, monkeypatch):
     import math
 
     from itnet_compiler.backends.torch.recurrent import ssm_dense
     from itnet_compiler.backends.triton import ssm as tri_ssm
 
+    monkeypatch.setattr(tri_ssm, "SEQUENTIAL_ONLY", sequential)
     bsz, L, H, P, G, N, sel, a2, soft, has_d, has_bias, has_h0 = case
     g = torch.Generator().manual_seed(0)
 

@@ -31,6 +31,17 @@ def _layout(x, dt, A, B, C):
     return dt_s, a, b_s, c_s
 
 
+SEQUENTIAL_ONLY = False  # tests flip this to check both forward kernels against each other
+
+
+def flags_sequential(x: torch.Tensor) -> bool:
+    return SEQUENTIAL_ONLY
+
+
+def _block_t(x: torch.Tensor) -> int:
+    return 64 if x.is_cuda else 8
+
+
 def _lim(v: float) -> float:
     return float(v) if math.isfinite(v) else (3.0e38 if v > 0 else -3.0e38)
 
@@ -48,13 +59,21 @@ class _Scan(torch.autograd.Function):
         hall = torch.empty((bsz, H, L, P, N) if store else (1,), dtype=torch.float32, device=x.device)
         h0c = h0.contiguous() if h0 is not None else ht
         dummy = x
-        kernels().ssm_fwd[(bsz * H,)](
-            x, dt_s, a, b_s, c_s, D if D is not None else dummy, dt_bias if dt_bias is not None else dummy, h0c, y,
-            ht, hall, H, H // G, L, P, N, _lim(dt_min), _lim(dt_max), *x.stride(), *dt_s.stride(), *a.stride(),
-            *b_s.stride(), *c_s.stride(), HAS_D=D is not None, HAS_DTB=dt_bias is not None, HAS_H0=h0 is not None,
-            DT_SOFTPLUS=dt_softplus, STORE_ALL=store, BLOCK_P=max(2, triton.next_power_of_2(P)),
-            BLOCK_N=max(2, triton.next_power_of_2(N)),
-        )  # fmt: skip
+        common = dict(HAS_D=D is not None, HAS_DTB=dt_bias is not None, HAS_H0=h0 is not None,
+                      DT_SOFTPLUS=dt_softplus, STORE_ALL=store, BLOCK_N=max(2, triton.next_power_of_2(N)))  # fmt: skip
+        d_arg, b_arg = D if D is not None else dummy, dt_bias if dt_bias is not None else dummy
+        if P == 1 and not flags_sequential(x):
+            kernels().ssm_fwd_chunk[(bsz * H,)](
+                x, dt_s, a, b_s, c_s, d_arg, b_arg, h0c, y, ht, hall, H, H // G, L, N, _lim(dt_min), _lim(dt_max),
+                x.stride(0), x.stride(1), x.stride(2), *dt_s.stride(), *a.stride(), *b_s.stride(), *c_s.stride(),
+                BLOCK_T=_block_t(x), **common,
+            )  # fmt: skip
+        else:
+            kernels().ssm_fwd[(bsz * H,)](
+                x, dt_s, a, b_s, c_s, d_arg, b_arg, h0c, y, ht, hall, H, H // G, L, P, N, _lim(dt_min),
+                _lim(dt_max), *x.stride(), *dt_s.stride(), *a.stride(), *b_s.stride(), *c_s.stride(),
+                BLOCK_P=max(2, triton.next_power_of_2(P)), **common,
+            )  # fmt: skip
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, h0, hall)
         ctx.flags = flags
         return y, ht

@@ -518,6 +518,60 @@ def ssm_fwd(X, DT, A, Bm, Cm, Dv, DTB, H0, Y, HT, HALL, H, R, L, P, N, dt_min, d
 
 
 @triton.jit
+def _combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2) for h -> a h + b: the associative operator of a linear recurrence."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def ssm_fwd_chunk(X, DT, A, Bm, Cm, Dv, DTB, H0, Y, HT, HALL, H, R, L, N, dt_min, dt_max,
+                  sxb, sxl, sxh, sdb, sdl, sdh, sah, san, sbb, sbl, sbg, sbn, scb, scl, scg, scn,
+                  HAS_D: tl.constexpr, HAS_DTB: tl.constexpr, HAS_H0: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+                  STORE_ALL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One channel per head (P = 1, Mamba's layout): BLOCK_T steps at a time as a parallel associative scan,
+    the state carried between blocks, so loads are whole [BLOCK_T, N] tiles instead of one step at a time."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    g = h // R
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    a = tl.load(A + h * sah + offs_n * san, mask=nmask, other=0.0).to(tl.float32)
+    bias = 0.0
+    if HAS_DTB:
+        bias = tl.load(DTB + h).to(tl.float32)
+    d_skip = 0.0
+    if HAS_D:
+        d_skip = tl.load(Dv + h).to(tl.float32)
+    if HAS_H0:
+        carry = tl.load(H0 + (b * H + h) * N + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    else:
+        carry = tl.zeros([BLOCK_N], tl.float32)
+    for t0 in range(0, L, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        tmask = offs_t < L
+        tn_mask = tmask[:, None] & nmask[None, :]
+        raw = tl.load(DT + b * sdb + offs_t * sdl + h * sdh, mask=tmask, other=0.0).to(tl.float32) + bias
+        dt = _delta(raw, DT_SOFTPLUS, dt_min, dt_max)
+        x = tl.load(X + b * sxb + offs_t * sxl + h * sxh, mask=tmask, other=0.0).to(tl.float32)
+        bv = tl.load(Bm + b * sbb + offs_t[:, None] * sbl + g * sbg + offs_n[None, :] * sbn, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        cv = tl.load(Cm + b * scb + offs_t[:, None] * scl + g * scg + offs_n[None, :] * scn, mask=tn_mask,
+                     other=0.0).to(tl.float32)
+        da = tl.where(tmask[:, None], tl.exp(dt[:, None] * a[None, :]), 1.0)
+        db = tl.where(tmask[:, None], (dt * x)[:, None] * bv, 0.0)
+        db = tl.where(offs_t[:, None] == t0, db + da * carry[None, :], db)
+        _, hs = tl.associative_scan((da, db), 0, _combine)
+        y = tl.sum(hs * cv, 1) + d_skip * x
+        tl.store(Y + (b * L + offs_t) * H + h, y.to(Y.dtype.element_ty), mask=tmask)
+        if STORE_ALL:
+            tl.store(HALL + ((b * H + h) * L + offs_t[:, None]) * N + offs_n[None, :], hs, mask=tn_mask)
+        last = tl.minimum(t0 + BLOCK_T, L) - 1
+        carry = tl.sum(tl.where(offs_t[:, None] == last, hs, 0.0), 0)
+    tl.store(HT + (b * H + h) * N + offs_n, carry, mask=nmask)
+
+
+@triton.jit
 def ssm_bwd(X, DT, A, Bm, Cm, Dv, DTB, H0, HALL, DY, DHT, DX, DDT, DBP, DCP, DAP, DDP, DH0,
             H, R, L, P, N, dt_min, dt_max,
             sxb, sxl, sxh, sxp, sdb, sdl, sdh, sah, san, sbb, sbl, sbg, sbn, scb, scl, scg, scn,
