@@ -39,7 +39,7 @@ class AttentionOptions:
         if d <= 64:
             return AttentionOptions(128, 64, 4, 3, 64, 64, 4, 2)
         if d <= 128 and not wide:
-            return AttentionOptions(128, 128, 8, 3, 64, 64, 4, 2)
+            return AttentionOptions(128, 64, 8, 3, 64, 64, 4, 2)
         if d <= 128:
             return AttentionOptions(64, 64, 4, 2, 32, 64, 4, 2)
         if not wide:
@@ -69,6 +69,33 @@ def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _smaller(opts: AttentionOptions) -> AttentionOptions | None:
+    """The next configuration to try after the card ran out of shared memory or registers."""
+    if opts.num_stages > 1 or opts.bwd_num_stages > 1:
+        return replace(opts, num_stages=max(1, opts.num_stages - 1), bwd_num_stages=max(1, opts.bwd_num_stages - 1))
+    if opts.block_n > 16 or opts.bwd_block_n > 16:
+        return replace(opts, block_n=max(16, opts.block_n // 2), bwd_block_n=max(16, opts.bwd_block_n // 2))
+    if opts.block_m > 16 or opts.bwd_block_m > 16:
+        return replace(opts, block_m=max(16, opts.block_m // 2), bwd_block_m=max(16, opts.bwd_block_m // 2))
+    return None
+
+
+def shrinking(fn):
+    """Run ``fn(opts)``; on an out-of-resources launch failure retry with smaller tiles (same answer, less memory)."""
+
+    def run(opts):
+        while True:
+            try:
+                return fn(opts), opts
+            except triton.runtime.errors.OutOfResources:
+                nxt = _smaller(opts)
+                if nxt is None:
+                    raise
+                opts = nxt
+
+    return run
 
 
 def forward(q, k, v, mask, scale: float, causal: bool, opts: AttentionOptions):
@@ -121,7 +148,7 @@ def backward(do, q, k, v, o, lse, bias, bs, has_bias: bool, scale: float, causal
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, causal, opts):
-        o, lse, bias, bs = forward(q, k, v, mask, scale, causal, opts)
+        (o, lse, bias, bs), opts = shrinking(lambda op: forward(q, k, v, mask, scale, causal, op))(opts)
         ctx.save_for_backward(q, k, v, o, lse, bias)
         ctx.meta = (bs, mask is not None, scale, causal, opts)
         return o
@@ -130,7 +157,9 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, bias = ctx.saved_tensors
         bs, has_bias, scale, causal, opts = ctx.meta
-        dq, dk, dv = backward(do, q, k, v, o, lse, bias, bs, has_bias, scale, causal, opts)
+        (dq, dk, dv), _ = shrinking(lambda op: backward(do, q, k, v, o, lse, bias, bs, has_bias, scale, causal, op))(
+            opts
+        )
         return dq, dk, dv, None, None, None, None
 
 
