@@ -3,7 +3,8 @@
 Guarantees: valid IR; one node per ATen call (``getitem`` folded into multi-result nodes); module paths kept as
 layer names; user inputs, parameters, buffers and constants kept with their state-dict keys; dynamic sizes become
 named symbols (the ``torch.export.Dim`` names where the user gave them). ``aten._assert_tensor_metadata`` checks
-are not imported: the IR's value types state the same facts and the verifier checks them. Recognition happens later, in passes.
+are not imported: the IR's value types state the same facts and the verifier checks them. Recognition happens later,
+in passes.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class _Importer:
         val = n.meta.get("val")
         multi = isinstance(val, (list, tuple))
         vals = list(val) if multi else ([] if val is None else [val])
-        outs = [Value(_ssa(n.name if not multi else f"{n.name}_{i}"), self.type_of(x, n.name)) for i, x in enumerate(vals)]
+        names = [f"{n.name}_{i}" for i in range(len(vals))] if multi else [n.name] * len(vals)
+        outs = [Value(_ssa(name), self.type_of(x, n.name)) for name, x in zip(names, vals, strict=True)]
         args = [self.arg(a, n) for a in n.args]
         kwargs = {k: self.arg(a, n) for k, a in n.kwargs.items()}
         self.prog.nodes.append(Node(op, args, kwargs, outs, None, _layer(n)))

@@ -9,7 +9,8 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
 - ``dot_exp``: ``q`` [B, H, L_q, D], ``k`` [B, H_kv, L_k, D], ``v`` [B, H_kv, L_k, D_v], optional ``mask``
   broadcastable to [B, H, L_q, L_k] (bool: keep where true; float: added to the logits). Output [B, H, L_q, D_v],
   and the normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is
-  aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``.
+  aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``. A row that
+  admits no column at all (fully masked) attends to nothing: its output is 0, as SDPA returns.
 """
 
 from __future__ import annotations

@@ -2,20 +2,25 @@
 
 Expects: generic ATen nodes (convolutions may already be transforms). Guarantees: valid IR; these become one
 ``dot_exp`` node each, exactly (no approximation):
-- ``aten.scaled_dot_product_attention`` with dropout 0: boolean or additive ``attn_mask``, ``is_causal``, ``scale``,
-  ``enable_gqa``;
-- the hand-written chain, anchored at its last matmul: ``matmul|bmm(q, kᵀ)`` → optional ``mul|div`` by a constant →
-  optional ``add`` of a bias/mask → ``softmax`` (or ``_softmax``) over the last dim → optional ``to`` / eval
-  ``dropout`` → ``matmul|bmm(·, v)``; also ``baddbmm(mask, q, kᵀ)`` as nn.MultiheadAttention writes it. 3-d (bmm)
-  operands are viewed as one head per batch entry. If the weights are also used elsewhere (``need_weights``,
-  ``output_attentions``) the node returns them as a second output.
-HF's ``repeat_kv`` (unsqueeze → expand → reshape of k or v) is looked through: the node reads the un-repeated k/v and
-records ``kv_heads`` (GQA/MQA); the repeat becomes dead code.
+- ``aten.scaled_dot_product_attention`` with dropout 0, on [B, H, L, D] or [N, L, D] operands: boolean or additive
+  ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``;
+- the hand-written chain, anchored at its last matmul: ``matmul|bmm(q, kᵀ)`` or ``baddbmm(mask, q, kᵀ)`` (as
+  nn.MultiheadAttention writes it), then in any order that keeps the kernel exp(s·⟨q, k⟩ + b): ``mul|div`` by a
+  constant, ``add`` of an additive mask or bias, ``masked_fill(·, drop, -inf)`` / ``where(keep, ·, -inf)``; then
+  ``softmax`` over the last dim → optional same-dtype ``to`` / eval ``dropout`` → ``matmul|bmm(·, v)``.
+  3-d (bmm) operands are viewed as one head per batch entry. If the weights are also read elsewhere
+  (``need_weights``, ``output_attentions``) the node returns them as a second output.
+HF's ``repeat_kv`` (unsqueeze → expand → reshape) and ``repeat_interleave`` over the head dim are looked through: the
+node reads the un-repeated k/v and records ``kv_heads`` (GQA/MQA); the repeat becomes dead code.
+
+A chain that does not fit exactly (a scale applied to a mask, a bias that broadcasts the scores to a larger shape,
+a softmax in another precision, two masks) is left generic.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -29,24 +34,36 @@ _MATMUL = ("aten.matmul.default", "aten.bmm.default")
 _SOFTMAX = ("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
 _PASSTHROUGH = ("aten.to.dtype", "aten._to_copy.default", "aten.type_as.default")
 _DROPOUT = ("aten.dropout.default", "aten.native_dropout.default")
+_RESHAPE = ("aten.reshape.default", "aten.view.default", "aten._unsafe_view.default")
+_FILL_DROP = ("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")  # fills where the condition is true
+_WHERE = ("aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.self")
+_SCALE = ("aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar")
 
 
 def _tt(v: object) -> TensorType | None:
     return v.type if isinstance(v, Value) and isinstance(v.type, TensorType) else None
 
 
+def _static_dim(d: sympy.Expr) -> int | None:
+    return int(d) if d.is_Integer else None
+
+
+def _is_neg_inf(x: object) -> bool:
+    return isinstance(x, float) and x == float("-inf")
+
+
 def _strip_repeat_kv(m: Match, v: Value) -> Value:
-    """``reshape(expand(unsqueeze(x, 2), [B, Hkv, n, L, D]), [B, Hkv*n, L, D])`` -> ``x``."""
+    """``reshape(expand(unsqueeze(x, 2), [B, Hkv, n, L, D]), [B, Hkv*n, L, D])`` or
+    ``repeat_interleave(x, n, 1)`` -> ``x``: both repeat each kv head n times in place (head h reads kv head h // n)."""
     r = m.producer(v)
-    if r is None or r.op not in ("aten.reshape.default", "aten.view.default", "aten._unsafe_view.default"):
+    if r is None:
         return v
-    e = m.producer(r.args[0])
-    if e is None or e.op != "aten.expand.default" or m.n_uses(e.outputs[0]) != 1:
+    if r.op == "aten.repeat_interleave.self_int":
+        base = _repeat_interleave_base(r)
+    elif r.op in _RESHAPE:
+        base = _expand_base(m, r)
+    else:
         return v
-    u = m.producer(e.args[0])
-    if u is None or u.op != "aten.unsqueeze.default" or u.args[1] != 2:
-        return v
-    base = u.args[0]
     bt, vt = _tt(base), _tt(v)
     if bt is None or vt is None or bt.rank != 4 or vt.rank != 4:
         return v
@@ -55,118 +72,227 @@ def _strip_repeat_kv(m: Match, v: Value) -> Value:
     return base
 
 
-def _static_dim(d: sympy.Expr) -> int | None:
-    return int(d) if d.is_Integer else None
+def _expand_base(m: Match, r: Node) -> Value | None:
+    e = m.producer(r.args[0])
+    if e is None or e.op != "aten.expand.default" or m.n_uses(e.outputs[0]) != 1:
+        return None
+    u = m.producer(e.args[0])
+    if u is None or u.op != "aten.unsqueeze.default" or u.args[1] not in (2, -3):
+        return None
+    return u.args[0]
 
 
+def _repeat_interleave_base(r: Node) -> Value | None:
+    a = bind(r)
+    if not isinstance(a.get("repeats"), int) or a.get("dim") not in (1, -3):
+        return None
+    return a["self"]
+
+
+# ---------------------------------------------------------------------------------------------------------- SDPA
 def _sdpa(m: Match) -> Rewrite | None:
     node = m.node
     a = bind(node)
     q, k, v = a["query"], a["key"], a["value"]
     qt, kt, vt = _tt(q), _tt(k), _tt(v)
-    if qt is None or kt is None or vt is None or not (qt.rank == kt.rank == vt.rank == 4):
+    if qt is None or kt is None or vt is None or not (qt.rank == kt.rank == vt.rank) or qt.rank not in (3, 4):
         return None
     if a.get("dropout_p", 0.0) not in (0, 0.0):
         return None
-    d = _static_dim(qt.shape[-1])
     scale = a.get("scale")
     if scale is None:
+        d = _static_dim(qt.shape[-1])
         if d is None:
             return None
         scale = 1.0 / math.sqrt(d)
-    if not isinstance(scale, (int, float)):
-        return None
-    k = _strip_repeat_kv(m, k)
-    v = _strip_repeat_kv(m, v)
-    kt, vt = _tt(k), _tt(v)
-    heads, kv_heads = _static_dim(qt.shape[1]), _static_dim(kt.shape[1])
-    if heads is None or kv_heads is None or kv_heads != _static_dim(vt.shape[1]) or heads % kv_heads:
-        return None
-    if kv_heads != heads and not a.get("enable_gqa") and k is a["key"]:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return None
     mask = a.get("attn_mask")
-    mask_kind = "none"
-    if mask is not None:
-        mt = _tt(mask)
-        if mt is None:
-            return None
-        mask_kind = "bool" if mt.dtype == torch.bool else "additive"
-    attrs = DotExpAttrs(
-        heads=heads,
-        kv_heads=kv_heads,
-        scale=float(scale),
-        support="causal" if a.get("is_causal") else "full",
-        mask=mask_kind,
-    )
-    inputs: dict[str, object] = {"q": q, "k": k, "v": v}
-    if mask is not None:
-        inputs["mask"] = mask
-    out = node.outputs[0]
-    new = Node(TRANSFORM, [], inputs, [Value(out.name, out.type)], attrs, node.layer)
-    return Rewrite([new], {id(out): new.outputs[0]})
+    mt = _tt(mask)
+    if mask is not None and mt is None:
+        return None
+    if mt is not None and mt.rank > qt.rank:
+        return None  # the mask would broadcast the output to a larger shape
+    three = qt.rank == 3
+    if three and (kt.shape[0] != qt.shape[0] or vt.shape[0] != qt.shape[0]):
+        return None  # 3-d GQA repeats over dim 0, which a view with one head per batch entry cannot express
+    pre: list[Node] = []
+    if three:
+        q, k, v = (_unsq(m, x, pre, node.layer) for x in (q, k, v))
+        if mt is not None and mt.rank == 3:
+            mask = _unsq(m, mask, pre, node.layer)
+    else:
+        k, v = _strip_repeat_kv(m, k), _strip_repeat_kv(m, v)
+        qt, kt, vt = _tt(q), _tt(k), _tt(v)
+        heads, kv_heads = _static_dim(qt.shape[1]), _static_dim(kt.shape[1])
+        if heads != kv_heads and not a.get("enable_gqa") and k is a["key"] and v is a["value"]:
+            return None  # SDPA without enable_gqa broadcasts nothing: the shapes would not have run
+    spec = _Spec(scale=float(scale), mask=mask, causal=bool(a.get("is_causal")))
+    return _emit(m, q, k, v, spec, pre, weights=None, three=three)
+
+
+# --------------------------------------------------------------------------------------------- hand-written chain
+@dataclass
+class _Spec:
+    scale: float = 1.0
+    mask: Value | None = None
+    # ``drop`` masks hold True where the score is dropped (masked_fill); they are negated before use.
+    drop: bool = False
+    causal: bool = False
 
 
 def _chain(m: Match) -> Rewrite | None:
     """Anchor: the final ``matmul(P, v)``. Walk back through dropout/to to softmax, then to the scores."""
     node = m.node
     p_val, v = node.args[0], node.args[1]
-    weights_users = 0
     hops = [p_val]
     cur = m.producer(p_val)
     while cur is not None and (cur.op in _PASSTHROUGH or cur.op in _DROPOUT):
-        if cur.op in _PASSTHROUGH and (_tt(cur.outputs[0]) is None or _tt(cur.args[0]).dtype != _tt(cur.outputs[0]).dtype):
-            return None
-        if cur.op in _DROPOUT and bind(cur).get("train") not in (False, None) and bind(cur).get("p") not in (0, 0.0):
+        if not _is_identity(cur):
             return None
         hops.append(cur.args[0])
         cur = m.producer(cur.args[0])
-    if cur is None or cur.op not in _SOFTMAX:
-        return None
-    soft = cur
-    sa = bind(soft)
-    logits = sa.get("self")
-    lt = _tt(logits)
-    if lt is None or sa.get("dim") not in (-1, lt.rank - 1):
+    if cur is None or cur.op not in _SOFTMAX or not _plain_softmax(cur):
         return None
     # Every hop but the last feeds exactly one reader; extra readers of the final weights are returned.
-    for h in hops[1:]:
-        if m.n_uses(h) != 1:
-            return None
-    weights_users = m.n_uses(p_val) - 1
-    scale, mask, qk = 1.0, None, m.producer(logits)
-    if qk is not None and qk.op == "aten.add.Tensor" and bind(qk).get("alpha", 1) == 1:
-        x, y = qk.args[0], qk.args[1]
-        px = m.producer(x)
-        if px is not None and px.op in _MATMUL + ("aten.mul.Tensor", "aten.div.Tensor"):
-            base, mask = x, y
-        else:
-            base, mask = y, x
-        if _tt(mask) is None or m.n_uses(base) != 1:
-            return None
-        qk = m.producer(base)
-    if qk is not None and qk.op in ("aten.mul.Tensor", "aten.div.Tensor"):
-        c = qk.args[1]
-        if not isinstance(c, (int, float)) or isinstance(c, bool) or m.n_uses(qk.outputs[0]) != 1:
-            return None
-        scale = float(c) if qk.op == "aten.mul.Tensor" else 1.0 / float(c)
-        qk = m.producer(qk.args[0])
-    if qk is None:
+    if any(m.n_uses(h) != 1 for h in hops[1:]):
         return None
-    if qk.op == "aten.baddbmm.default" and mask is None:
-        ba = bind(qk)
-        if ba.get("beta", 1) != 1 or ba.get("alpha", 1) != 1:
+    scores = _scores(m, cur.args[0])
+    if scores is None:
+        return None
+    q, kT, spec = scores
+    weights = p_val if m.n_uses(p_val) > 1 else None
+    if weights is not None and not _read_after(m, weights):
+        return None
+    return _build(m, q, kT, v, spec, weights)
+
+
+def _read_after(m: Match, v: Value) -> bool:
+    """Every reader of ``v`` comes after the anchor, so it may read the transform's second output instead."""
+    order = {id(n): i for i, n in enumerate(m.prog.nodes)}
+    anchor = order[id(m.node)]
+    return all(order[id(n)] > anchor for n in m.users.get(id(v), []) if n is not m.node)
+
+
+def _is_identity(n: Node) -> bool:
+    """A same-dtype ``to`` or a dropout that drops nothing (eval, or p = 0)."""
+    if n.op in _PASSTHROUGH:
+        src, out = _tt(n.args[0]), _tt(n.outputs[0])
+        return src is not None and out is not None and src.dtype == out.dtype
+    a = bind(n)
+    return a.get("train") is False or a.get("p") in (0, 0.0)
+
+
+def _plain_softmax(n: Node) -> bool:
+    """Softmax over the last dim, computed and returned in the dtype of its input."""
+    a = bind(n)
+    src, out = _tt(a.get("self")), _tt(n.outputs[0])
+    if src is None or out is None or src.dtype != out.dtype or src.shape != out.shape:
+        return False
+    if a.get("dim") not in (-1, src.rank - 1):
+        return False
+    return not a.get("half_to_float")
+
+
+def _scores(m: Match, logits: Value) -> tuple[Value, Value, _Spec] | None:
+    """Peel scale, bias and fill ops off the softmax input, outermost first, down to ``q @ kᵀ``.
+
+    The kernel is exp(scale·⟨q, k⟩ + bias) with masked entries at -inf, so a bias must not sit under a scale
+    (it would be scaled too), and a -inf fill may sit anywhere as long as every scale is positive.
+    """
+    spec = _Spec()
+    scaled = False
+    cur = logits
+    while True:
+        n = m.producer(cur)
+        if n is None or _tt(n.outputs[0]) is None or (cur is not logits and m.n_uses(cur) != 1):
             return None
-        mask, q, kT = ba["self"], ba["batch1"], ba["batch2"]
-    elif qk.op in _MATMUL:
-        q, kT = qk.args[0], qk.args[1]
+        if n.op in _MATMUL:
+            return n.args[0], n.args[1], spec
+        if n.op == "aten.baddbmm.default":
+            a = bind(n)
+            # baddbmm adds its bias before any scale peeled above it: that scale would scale the bias too.
+            if spec.mask is not None or scaled or a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
+                return None
+            if not _broadcasts_into(a["self"], n.outputs[0]):
+                return None
+            spec.mask = a["self"]
+            return a["batch1"], a["batch2"], spec
+        step = _peel(m, n, spec, scaled)
+        if step is None:
+            return None
+        cur, scaled = step, scaled or n.op in _SCALE
+
+
+def _peel(m: Match, n: Node, spec: _Spec, scaled: bool) -> Value | None:
+    """One step of ``_scores``: record what ``n`` contributes to ``spec`` and return the scores it reads."""
+    out = n.outputs[0]
+    if n.op in _SCALE:
+        c = n.args[1]
+        # A positive finite constant keeps -inf fills at -inf; anything else stays generic.
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or c <= 0 or not math.isfinite(c):
+            return None
+        spec.scale *= float(c) if n.op.startswith("aten.mul") else 1.0 / float(c)
+        return n.args[0] if _tt(n.args[0]) is not None else None
+    if n.op == "aten.add.Tensor":
+        if spec.mask is not None or scaled or bind(n).get("alpha", 1) != 1:
+            return None
+        base, bias = n.args[0], n.args[1]
+        if (_score_like(m, bias) and not _score_like(m, base)) or not _same_shape(base, out):
+            base, bias = bias, base
+        if _tt(bias) is None or _tt(bias).dtype == torch.bool or not _same_shape(base, out):
+            return None
+        if not _broadcasts_into(bias, out):
+            return None
+        spec.mask = bias
+        return base
+    if n.op in _FILL_DROP or n.op in _WHERE:
+        return _peel_fill(n, spec)
+    return None
+
+
+def _peel_fill(n: Node, spec: _Spec) -> Value | None:
+    """``masked_fill(s, drop, -inf)`` / ``where(keep, s, -inf)`` / ``where(drop, -inf, s)``: a boolean mask."""
+    if spec.mask is not None:
+        return None
+    out = n.outputs[0]
+    if n.op in _FILL_DROP:
+        base, cond, value, drop = n.args[0], n.args[1], n.args[2], True
+    elif n.op == "aten.where.ScalarOther":
+        cond, base, value, drop = n.args[0], n.args[1], n.args[2], False
+    elif n.op == "aten.where.ScalarSelf":
+        cond, value, base, drop = n.args[0], n.args[1], n.args[2], True
     else:
+        return None  # where.self: the fill is a tensor, not a constant -inf
+    ct = _tt(cond)
+    if not _is_neg_inf(value) or ct is None or ct.dtype != torch.bool or not _same_shape(base, out):
         return None
-    if m.n_uses(qk.outputs[0]) != 1:
+    if not _broadcasts_into(cond, out):
         return None
-    return _build(m, q, kT, v, mask, scale, weights_users > 0, p_val)
+    spec.mask, spec.drop = cond, drop
+    return base
 
 
-def _build(m: Match, q: Value, kT: Value, v: Value, mask: Value | None, scale: float, weights: bool, p_val: Value):
+def _score_like(m: Match, v: object) -> bool:
+    """Produced by an op the scores pass through (so the other operand of an ``add`` is the bias)."""
+    p = m.producer(v)
+    return p is not None and (p.op in _MATMUL + _SCALE + _FILL_DROP + _WHERE or p.op == "aten.baddbmm.default")
+
+
+def _same_shape(a: object, b: Value) -> bool:
+    at, bt = _tt(a), _tt(b)
+    return at is not None and bt is not None and at.shape == bt.shape and at.dtype == bt.dtype
+
+
+def _broadcasts_into(mask: object, scores: Value) -> bool:
+    """The mask broadcasts to the scores' shape without enlarging it."""
+    mt, st = _tt(mask), _tt(scores)
+    if mt is None or st is None or mt.rank > st.rank:
+        return False
+    return all(d == 1 or d == s for d, s in zip(reversed(mt.shape), reversed(st.shape), strict=False))
+
+
+def _build(m: Match, q: Value, kT: Value, v: Value, spec: _Spec, weights: Value | None) -> Rewrite | None:
     node = m.node
     qt, kTt, vt = _tt(q), _tt(kT), _tt(v)
     if qt is None or kTt is None or vt is None or not (qt.rank == kTt.rank == vt.rank) or qt.rank not in (3, 4):
@@ -174,59 +300,83 @@ def _build(m: Match, q: Value, kT: Value, v: Value, mask: Value | None, scale: f
     layer = node.layer
     pre: list[Node] = []
     tp = m.producer(kT)
-    if tp is not None and tp.op == "aten.transpose.int" and {d % kTt.rank for d in tp.args[1:3]} == {kTt.rank - 1, kTt.rank - 2}:
+    last_two = {kTt.rank - 1, kTt.rank - 2}
+    if tp is not None and tp.op == "aten.transpose.int" and {d % kTt.rank for d in tp.args[1:3]} == last_two:
         k = tp.args[0]
     else:
         kt_shape = (*kTt.shape[:-2], kTt.shape[-1], kTt.shape[-2])
         pre.append(_node(m, "aten.transpose.int", [kT, -2, -1], TensorType(kTt.dtype, kt_shape), layer, "k"))
         k = pre[-1].outputs[0]
+    kt = _tt(k)
+    if qt.shape[0] != kt.shape[0] or vt.shape[0] != qt.shape[0]:
+        return None  # the matmuls broadcast over the batch: not one attention per batch entry
     three = qt.rank == 3
     if three:
         q, k, v = (_unsq(m, x, pre, layer) for x in (q, k, v))
-        if mask is not None and _tt(mask).rank == 3:
-            mask = _unsq(m, mask, pre, layer)
+        if spec.mask is not None and _tt(spec.mask).rank == 3:
+            spec.mask = _unsq(m, spec.mask, pre, layer)
     else:
-        k = _strip_repeat_kv(m, k)
-        v = _strip_repeat_kv(m, v)
+        k, v = _strip_repeat_kv(m, k), _strip_repeat_kv(m, v)
+    return _emit(m, q, k, v, spec, pre, weights, three)
+
+
+def _emit(
+    m: Match, q: Value, k: Value, v: Value, spec: _Spec, pre: list[Node], weights: Value | None, three: bool
+) -> Rewrite | None:
+    """Check the [B, H, L, D] operands and write the transform (and the views back to 3-d when ``three``)."""
+    node = m.node
+    layer = node.layer
     qt, kt, vt = _tt(q), _tt(k), _tt(v)
     heads, kv_heads = _static_dim(qt.shape[1]), _static_dim(kt.shape[1])
     if heads is None or kv_heads is None or kv_heads != _static_dim(vt.shape[1]) or heads % kv_heads:
         return None
     if qt.shape[0] != kt.shape[0] or qt.shape[-1] != kt.shape[-1] or kt.shape[2] != vt.shape[2]:
         return None
-    mask_kind = "none"
+    if len({qt.dtype, kt.dtype, vt.dtype}) != 1:
+        return None
+    mask, mask_kind = spec.mask, "none"
     if mask is not None:
         mt = _tt(mask)
-        if mt is None or mt.dtype == torch.bool:
+        if mt is None:
             return None
-        mask_kind = "additive"
+        mask_kind = "bool" if mt.dtype == torch.bool else "additive"
+        if spec.drop:
+            keep = _node(m, "aten.logical_not.default", [mask], mt, layer, mask.name + "_keep")
+            pre.append(keep)
+            mask = keep.outputs[0]
     out = node.outputs[0]
     ot = _tt(out)
     res_t = TensorType(ot.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3])) if three else ot
     outs = [Value(m.fresh(out.name + "_it") if three else out.name, res_t)]
-    if weights:
-        pt = _tt(p_val)
+    if weights is not None:
+        pt = _tt(weights)
         w_t = TensorType(pt.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2])) if three else pt
-        outs.append(Value(m.fresh(p_val.name + "_w"), w_t))
-    attrs = DotExpAttrs(heads=heads, kv_heads=kv_heads, scale=scale, mask=mask_kind, return_weights=weights)
+        outs.append(Value(m.fresh(weights.name + "_w"), w_t))
+    attrs = DotExpAttrs(
+        heads=heads,
+        kv_heads=kv_heads,
+        scale=spec.scale,
+        mask=mask_kind,
+        support="causal" if spec.causal else "full",
+        return_weights=weights is not None,
+    )
     inputs: dict[str, object] = {"q": q, "k": k, "v": v}
     if mask is not None:
         inputs["mask"] = mask
     t = Node(TRANSFORM, [], inputs, outs, attrs, layer)
     nodes = [*pre, t]
-    replace = {}
-    if three:
-        sq = _node(m, "aten.squeeze.dim", [outs[0], 1], ot, layer, out.name)
-        nodes.append(sq)
-        replace[id(out)] = sq.outputs[0]
-        if weights:
-            sw = _node(m, "aten.squeeze.dim", [outs[1], 1], _tt(p_val), layer, p_val.name + "_sq")
-            nodes.append(sw)
-            replace[id(p_val)] = sw.outputs[0]
-    else:
-        replace[id(out)] = outs[0]
-        if weights:
-            replace[id(p_val)] = outs[1]
+    if not three:
+        replace = {id(out): outs[0]}
+        if weights is not None:
+            replace[id(weights)] = outs[1]
+        return Rewrite(nodes, replace)
+    sq = _node(m, "aten.squeeze.dim", [outs[0], 1], ot, layer, out.name)
+    nodes.append(sq)
+    replace = {id(out): sq.outputs[0]}
+    if weights is not None:
+        sw = _node(m, "aten.squeeze.dim", [outs[1], 1], _tt(weights), layer, weights.name + "_sq")
+        nodes.append(sw)
+        replace[id(weights)] = sw.outputs[0]
     return Rewrite(nodes, replace)
 
 

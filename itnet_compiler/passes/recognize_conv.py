@@ -1,9 +1,11 @@
 """Recognise every ATen convolution as an ``it.transform`` of the ``stationary`` family.
 
 Expects: generic ATen nodes from the frontend. Guarantees: valid IR; each conv{1,2,3}d (``.default`` and
-``.padding`` for 'same'/'valid'), conv_transpose{1,2,3}d and ``convolution`` node with a batched input becomes one
-``it.transform`` with explicit (low, high) padding per dim. A non-zero ``aten.pad`` (reflect, replicate, circular)
-that only feeds the convolution is folded into it as ``padding_mode``. Unbatched inputs stay generic.
+``.padding`` for 'same'/'valid'), conv_transpose{1,2,3}d (``conv_transpose1d.default``, ``conv_transpose{2,3}d.input``),
+``convolution``, ``_convolution`` and ``_convolution_mode`` node with a batched input becomes one ``it.transform``
+with explicit (low, high) padding per dim. An ``aten.pad`` / ``constant_pad_nd`` (zeros, reflect, replicate,
+circular) that only feeds an unpadded convolution is folded into it as ``padding_mode``. Unbatched inputs, symbolic
+strides or groups, and transposed convolutions with asymmetric padding stay generic.
 """
 
 from __future__ import annotations
@@ -14,8 +16,16 @@ from ..ir.types import TensorType
 from .rewrite import Match, Rewrite, Rule, bind
 
 CONV_OPS = tuple(f"aten.conv{r}d.{o}" for r in (1, 2, 3) for o in ("default", "padding"))
-CONVT_OPS = tuple(f"aten.conv_transpose{r}d.input" for r in (1, 2, 3))
-GENERAL_OPS = ("aten.convolution.default",)
+# The 1-d overload is named ``default``, the 2-d and 3-d ones ``input``.
+CONVT_OPS = ("aten.conv_transpose1d.default", "aten.conv_transpose2d.input", "aten.conv_transpose3d.input")
+# Explicit ``transposed`` flag; the cudnn/benchmark flags of ``_convolution`` do not change the result.
+GENERAL_OPS = (
+    "aten.convolution.default",
+    "aten._convolution.default",
+    "aten._convolution.deprecated",
+    "aten._convolution_mode.default",
+)
+_PAD_OPS = ("aten.pad.default", "aten.constant_pad_nd.default")
 
 
 def _expand(val: object, rank: int) -> tuple[int, ...]:
@@ -62,6 +72,9 @@ def _convert(m: Match) -> Rewrite | None:
         out_pad = _expand(a.get("output_padding", 0), rank)
     except (TypeError, ValueError):
         return None
+    groups = a.get("groups", 1)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        return None
     if transposed and any(lo != hi for lo, hi in padding):
         return None
     attrs = StationaryAttrs(
@@ -69,7 +82,7 @@ def _convert(m: Match) -> Rewrite | None:
         stride=stride,
         padding=padding,
         dilation=dilation,
-        groups=int(a["groups"]),
+        groups=groups,
         transposed=transposed,
         output_padding=out_pad if transposed else (0,) * rank,
     )
@@ -85,7 +98,7 @@ def _convert(m: Match) -> Rewrite | None:
 def _fold_pad(m: Match, x: Value, attrs: StationaryAttrs) -> tuple[Value, StationaryAttrs]:
     """Fold ``aten.pad(x, pads, mode)`` into the convolution when the conv has no padding of its own."""
     pad = m.producer(x)
-    if pad is None or pad.op != "aten.pad.default" or attrs.transposed:
+    if pad is None or pad.op not in _PAD_OPS or attrs.transposed:
         return x, attrs
     if any(p != (0, 0) for p in attrs.padding) or m.only_user(x) is not m.node:
         return x, attrs

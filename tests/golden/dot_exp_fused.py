@@ -13,8 +13,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal."""
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+            TRANS: tl.constexpr = False):
+    """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal.
+    TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as offs_m, the row
+    offsets as offs_n, the bias strides and the lengths swapped; only the causal comparison flips here."""
     s = tl.dot(q, kT, input_precision=PREC) * qk_scale
     if HAS_BIAS:
         bmask = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
@@ -24,7 +27,10 @@ def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_sc
     if MASK:
         valid = offs_n[None, :] < LK
         if CAUSAL:
-            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            if TRANS:
+                valid = valid & (offs_n[None, :] >= offs_m[:, None])
+            else:
+                valid = valid & (offs_m[:, None] >= offs_n[None, :])
         s = tl.where(valid, s, float("-inf"))
     return s
 
@@ -169,8 +175,8 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     nmask = offs_n < LK
-    kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                 mask=nmask[None, :] & dmask[:, None], other=0.0)
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=nmask[:, None] & dmask[None, :], other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                 mask=nmask[:, None] & dmask[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -178,22 +184,23 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
     lo = 0
     if CAUSAL:
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    # Work on transposed tiles (rows j, columns i) so no [BLOCK_M, BLOCK_N] tile is ever transposed in registers.
     for start_m in range(lo, LQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rmask = offs_m < LQ
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        qT = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                     mask=rmask[None, :] & dmask[:, None], other=0.0)
         do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
         delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
-                    True)
-        p = tl.exp2(s - lse[:, None])
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+        sT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, HAS_BIAS, CAUSAL,
+                     PREC, True, True)
+        pT = tl.exp2(sT - lse[None, :])
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
     base = b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd
     tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])

@@ -40,6 +40,8 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
         keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
+    if bias is not None or causal:  # a row with no admitted column attends to nothing: 0, as SDPA returns
+        p = p.masked_fill(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
     out = torch.matmul(p, v)
     return (out, p) if return_weights else out
 
@@ -85,7 +87,7 @@ def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, block_
             l_run = l_run * corr + p.sum(dim=-1)
             acc = acc * corr[..., None] + torch.matmul(p, v[..., j0:j1, :])
             m_run = m_new
-        out[..., i0:i1, :] = acc / l_run[..., None]
+        out[..., i0:i1, :] = acc / torch.where(l_run > 0, l_run, torch.ones_like(l_run))[..., None]
     return out
 
 

@@ -250,7 +250,8 @@ def stationary_conv(x, weight, bias=None, **static):
     """Dispatch: depthwise kernel for depthwise layers, implicit GEMM for the rest."""
     dw_keys = {"block_c", "block_l", "num_warps"}
     gemm_keys = {"block_m", "block_n", "block_k", "num_warps", "num_stages"}
-    base = {k: v for k, v in static.items() if k not in dw_keys | gemm_keys}
+    geometry = ("stride", "padding", "dilation", "groups", "transposed", "output_padding", "padding_mode")
+    base = {k: static[k] for k in geometry}
     if is_depthwise(x, weight, static["groups"], static["transposed"]):
         return depthwise_conv(x, weight, bias, **base, **{k: v for k, v in static.items() if k in dw_keys})
     return direct_conv(x, weight, bias, **base, **{k: v for k, v in static.items() if k in gemm_keys})
