@@ -388,6 +388,7 @@ FACTORIES: dict[str, Callable[[], Case]] = {
     **{f"wav2vec2-{i}-mask": (lambda i=i: wav2vec2(i, padded=True)) for i in HF_IMPLS},
     # HF eager writes masked logits as finfo.min (never -inf): rows without any key stay finite in every lowering.
     "llama-eager-leftpad": lambda: llama("eager", left=True),
+    "llama-sdpa-leftpad": lambda: llama("sdpa", left=True),
     "resnet": resnet,
     **{f"encoder-{m}": (lambda m=m: encoder(m)) for m in ("plain", "padding", "causal")},
     **{
