@@ -331,6 +331,53 @@ def ssm_speed():
         bytes_=nbytes * 3)  # fmt: skip
 
 
+@section
+def end_to_end_models():
+    """Converted models on the Triton backend, on the GPU: outputs and one training step against eager."""
+    import importlib.util
+
+    from transformers import BertConfig, BertModel
+
+    import itnet_compiler as itc
+
+    def leaves(o):
+        return [x for x in torch.utils._pytree.tree_flatten(o)[0] if isinstance(x, torch.Tensor)]
+
+    def compare(name, model, args):
+        prog = itc.convert(model, args)
+        mod = itc.build(prog, backend="triton").to(dev)
+        model = model.to(dev)
+        args = tuple(a.to(dev) for a in args)
+        out, ref = leaves(mod(*args)), leaves(model(*args))
+        err = max(rel(a, b) for a, b in zip(out, ref))
+        r = torch.randn_like(ref[0])
+        (out[0] * r).sum().backward()
+        (ref[0] * r).sum().backward()
+        ref_params = dict(model.named_parameters())
+        scale = max(p.grad.abs().max().item() for p in ref_params.values() if p.grad is not None)
+        gerr = max(((p.grad - ref_params[k].grad).abs().max() / scale).item()
+                   for k, p in mod.gm.named_parameters() if p.grad is not None)  # fmt: skip
+        with torch.no_grad():
+            t_eager = bench(lambda: model(*args), rep=50)
+            t_itnet = bench(lambda: mod(*args), rep=50)
+        c = {"kernel": f"e2e {name}", "max_rel_err": err, "grad_err_vs_max": gerr, "fallbacks": mod.fallbacks,
+             "lowerings": sorted({t.lowering for t in mod.program.transforms}), "ok": err <= 1e-4 and gerr <= 1e-3,
+             "eager_ms": round(t_eager, 3), "itnet_ms": round(t_itnet, 3)}  # fmt: skip
+        CHECKS.append(c)
+        print(c, flush=True)
+        save()
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                     vocab_size=1000, max_position_embeddings=1024, attn_implementation="sdpa")  # fmt: skip
+    compare("bert h256 L4 seq512 fp32", BertModel(cfg).eval(), (torch.randint(0, 1000, (8, 512)),))
+    spec = importlib.util.spec_from_file_location("cnn", Path(__file__).resolve().parents[1] / "examples" / "cnn.py")
+    cnn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cnn)
+    model, args = cnn.make_model()
+    compare("example CNN fp32", model, args)
+
+
 print("\nTABLE")
 for r in ROWS:
     extra = f"{r['tflops']:>7.1f} TFLOP/s" if "tflops" in r else ""

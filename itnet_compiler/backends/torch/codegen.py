@@ -37,6 +37,7 @@ def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) 
         mod.register_buffer(name, tensor.clone(), persistent=kind == "buffer")
 
 
+DEVICE_ANCHOR = "_itnet_device"
 Resolver = Callable[[Node], tuple[Callable[..., object], dict[str, object]]]
 
 
@@ -53,11 +54,20 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
         _set_attr(root, w.key, prog.tensors[w.key], w.kind)
         env[id(w.value)] = g.get_attr(w.key)
 
+    # Devices baked into the exported graph (``arange(..., device=cpu)``) become the device of a buffer that moves
+    # with the module, so ``module.to("cuda")`` runs every op where the weights are.
+    device_node = None
+    if any(isinstance(x, torch.device) for n in prog.nodes for x in _leaves((n.args, n.kwargs))):
+        root.register_buffer(DEVICE_ANCHOR, torch.empty(0), persistent=False)
+        device_node = g.call_function(getattr, (g.get_attr(DEVICE_ANCHOR), "device"))
+
     def arg(a: object) -> object:
         if isinstance(a, Value):
             return env[id(a)]
         if isinstance(a, list):
             return [arg(x) for x in a]
+        if isinstance(a, torch.device) and device_node is not None:
+            return device_node
         return a
 
     for node in prog.nodes:
@@ -85,6 +95,14 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
     gm = fx.GraphModule(root, g, class_name="ItnetGenerated")
     gm.graph.lint()
     return gm
+
+
+def _leaves(a: object) -> list[object]:
+    if isinstance(a, (list, tuple)):
+        return [y for x in a for y in _leaves(x)]
+    if isinstance(a, dict):
+        return [y for x in a.values() for y in _leaves(x)]
+    return [a]
 
 
 def _returns_list(node) -> bool:
