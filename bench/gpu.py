@@ -318,8 +318,15 @@ def ssm_speed():
     ref = loop().transpose(1, 2)
     out = S.ssm_scan(xs, dts, A, Bs, Cs, **kw)[..., 0]
     print("ssm max rel err vs loop", rel(out, ref))
-    row(f"itnet ssm scan fwd fp32 B{bsz} D{D} N{N} L{L}", bench(lambda: S.ssm_scan(xs, dts, A, Bs, Cs, **kw)),
-        bytes_=nbytes, err=rel(out, ref))  # fmt: skip
+    for bt, nw in ((64, 4), (32, 2), (128, 4), (256, 8), (64, 2), (128, 8)):
+        S.BLOCK_T, S.NUM_WARPS = bt, nw
+        try:
+            row(f"itnet ssm scan fwd fp32 B{bsz} D{D} N{N} L{L}", bench(lambda: S.ssm_scan(xs, dts, A, Bs, Cs, **kw)),
+                bytes_=nbytes, err=rel(S.ssm_scan(xs, dts, A, Bs, Cs, **kw)[..., 0], ref),
+                config=dict(block_t=bt, num_warps=nw))  # fmt: skip
+        except Exception as e:
+            print("ssm config failed", bt, nw, type(e).__name__, str(e)[:200])
+    S.BLOCK_T, S.NUM_WARPS = 64, 4
     S.SEQUENTIAL_ONLY = True
     row(f"itnet ssm scan fwd fp32 (sequential kernel) B{bsz} D{D} N{N} L{L}",
         bench(lambda: S.ssm_scan(xs, dts, A, Bs, Cs, **kw)), bytes_=nbytes)  # fmt: skip

@@ -38,8 +38,12 @@ def flags_sequential(x: torch.Tensor) -> bool:
     return SEQUENTIAL_ONLY
 
 
+BLOCK_T = 64  # steps per associative-scan block on the GPU (tuned in bench/gpu.py)
+NUM_WARPS = 4
+
+
 def _block_t(x: torch.Tensor) -> int:
-    return 64 if x.is_cuda else 8
+    return BLOCK_T if x.is_cuda else 8
 
 
 def _lim(v: float) -> float:
@@ -66,7 +70,7 @@ class _Scan(torch.autograd.Function):
             kernels().ssm_fwd_chunk[(bsz * H,)](
                 x, dt_s, a, b_s, c_s, d_arg, b_arg, h0c, y, ht, hall, H, H // G, L, N, _lim(dt_min), _lim(dt_max),
                 x.stride(0), x.stride(1), x.stride(2), *dt_s.stride(), *a.stride(), *b_s.stride(), *c_s.stride(),
-                BLOCK_T=_block_t(x), **common,
+                BLOCK_T=_block_t(x), num_warps=NUM_WARPS if x.is_cuda else 1, **common,
             )  # fmt: skip
         else:
             kernels().ssm_fwd[(bsz * H,)](
