@@ -66,7 +66,8 @@ def test_fused_attention_forward_and_gradients(case, dtype):
 
 def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
-    source = loader.render(templates.ATTENTION, {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL})
+    holes = {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL}
+    source = loader.render(templates.ATTENTION, holes)
     golden = os.path.join(GOLDEN, "dot_exp_fused.py")
     if os.environ.get("ITNET_UPDATE_GOLDEN"):
         with open(golden, "w") as f:

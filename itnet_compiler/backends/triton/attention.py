@@ -52,7 +52,8 @@ class AttentionOptions:
 
 def kernels():
     """The rendered module for the dot_exp family (one source for fwd, dQ and dK/dV)."""
-    source = loader.render(templates.ATTENTION, {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL})
+    holes = {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL}
+    source = loader.render(templates.ATTENTION, holes)
     return loader.load("dot_exp_fused", source)
 
 

@@ -50,7 +50,8 @@ def _(node: Node):
     def check(x, weight, bias=None, **static: object) -> str | None:
         return conv.supported(x, weight, **static)
 
-    return conv.stationary_conv, check, {"block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages"}
+    options = {"block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages"}
+    return conv.stationary_conv, check, options
 
 
 @register("ssm", "scan")

@@ -80,7 +80,8 @@ class _Depthwise(torch.autograd.Function):
         b = bias if bias is not None else w2
         kernels().dw_fwd[grid](
             x2, w2, b, y, c, h, w, oh, ow, *x2.stride(), *w2.stride(), *y.stride(), **g.constexprs(),
-            HAS_BIAS=bias is not None, ONE_D=rank == 1, BLOCK_C=opts.block_c, BLOCK_L=opts.block_l, num_warps=opts.num_warps,
+            HAS_BIAS=bias is not None, ONE_D=rank == 1, BLOCK_C=opts.block_c, BLOCK_L=opts.block_l,
+            num_warps=opts.num_warps,
         )  # fmt: skip
         ctx.save_for_backward(x, weight)
         ctx.meta = (g, opts, bias is not None, rank)
