@@ -37,13 +37,15 @@ ROWS: list[dict] = []
 CHECKS: list[dict] = []
 R = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name(),
      "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
-OUT = Path(os.environ.get("OUT", Path(__file__).parent / "results"))
-OUTF = OUT / f"gpu-{R['gpu'].replace(' ', '_')}.json"
+NAME = f"gpu-{R['gpu'].replace(' ', '_')}.json"
+# Always bench/results/; also $OUT when the device tool provides one (what comes back from the lent machine).
+DESTS = [Path(__file__).parent / "results"] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
 
 
 def save() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    OUTF.write_text(json.dumps(dict(R, checks=CHECKS, rows=ROWS), indent=1))
+    for d in DESTS:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / NAME).write_text(json.dumps(dict(R, checks=CHECKS, rows=ROWS), indent=1))
 
 
 def bench(fn, rep=100) -> float:
