@@ -127,12 +127,25 @@ class ItnetModule(torch.nn.Module):
         self._kw_order = _kwarg_order(prog.in_spec)
         self._checks = [(v.name, v.type) for v in prog.inputs]
         self._ranges = {k: tuple(r) for k, r in prog.symbols.items()}
+        # Per input: dtype, then per dim an int (static), a symbol name (bound on first sight) or None (derived).
+        self._fast = [
+            (t.dtype, [int(d) if d.is_Integer else (d.name if isinstance(d, sympy.Symbol) else None) for d in t.shape])
+            if isinstance(t, TensorType)
+            else None
+            for _, t in self._checks
+        ]
+        # Positional tensors only, no keywords: the call needs no pytree flattening.
+        self._plain = _plain_args(prog.in_spec, len(self._checks))
 
     @property
     def code(self) -> str:
         return self.gm.code
 
     def forward(self, *args: object, **kwargs: object) -> object:
+        if self._plain and not kwargs and len(args) == len(self._checks):
+            self._check(args)
+            out = self.gm(*args)
+            return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
         if self._kw_order is not None:
             extra = set(kwargs) - set(self._kw_order)
             if extra:
@@ -148,9 +161,34 @@ class ItnetModule(torch.nn.Module):
         out = self.gm(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
 
-    def _check(self, flat: list[object]) -> None:
+    def _fast_ok(self, flat) -> bool:
+        """The common case in plain Python: dtypes, static dims, symbols consistent and in range."""
+        bound: dict[str, int] = {}
+        for x, fast in zip(flat, self._fast, strict=True):
+            if fast is None:
+                continue
+            dtype, dims = fast
+            if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != len(dims):
+                return False
+            for n, d in zip(x.shape, dims, strict=True):
+                if d is None:
+                    continue
+                if isinstance(d, int):
+                    if d != n:
+                        return False
+                elif bound.setdefault(d, n) != n:
+                    return False
+        for name, n in bound.items():
+            lo, hi = self._ranges.get(name, (0, None))
+            if n < lo or (hi is not None and n > hi):
+                return False
+        return True
+
+    def _check(self, flat: list[object] | tuple[object, ...]) -> None:
         if len(flat) != len(self._checks):
             raise ItnetError(f"expected {len(self._checks)} inputs, got {len(flat)}")
+        if self._fast_ok(flat):
+            return
         bound: dict[sympy.Symbol, int] = {}
         for x, (name, t) in zip(flat, self._checks, strict=True):
             if not isinstance(t, TensorType):
@@ -162,6 +200,19 @@ class ItnetModule(torch.nn.Module):
                     f"input '{name}' is {DTYPE_NAMES.get(x.dtype, x.dtype)}{list(x.shape)} but the program expects {t}"
                     f"{_range_text(t, self._ranges)}; convert again with this shape or mark the dimension dynamic"
                 )
+
+
+def _plain_args(in_spec: object, n: int) -> bool:
+    """True when the program was called as f(t1, ..., tn) with tensors only and no keyword arguments."""
+    if not isinstance(in_spec, dict) or len(in_spec.get("children", [])) != 2:
+        return False
+    args, kwargs = in_spec["children"]
+    return (
+        isinstance(args, dict)
+        and args.get("children") == ["*"] * n
+        and isinstance(kwargs, dict)
+        and not kwargs.get("children")
+    )
 
 
 def _dims_ok(shape, dims, bound: dict, ranges: dict) -> bool:
