@@ -14,15 +14,6 @@ import itnet_compiler as itc
 from itnet_compiler.ir import graph, parse, print_program
 from itnet_compiler.ir.types import make_symbol, parse_expr
 
-GOLDEN = """itir 1
-symbol seq in [2, 512]
-input %x : f32[2,seq,64]
-param %wq : f32[64,64] = "attn.q.weight"
-param %wk : f32[64,64] = "attn.k.weight"
-param %wv : f32[64,64] = "attn.v.weight"
-%q0 = aten.linear.default(%wq_in, %wq) : f32[2,seq,64] @"attn.q"
-"""
-
 PROGRAM = """itir 1
 symbol seq in [2, 512]
 input %x : f32[2,seq,64]
