@@ -12,6 +12,7 @@ A user mistake is one line on stderr (``itnet: error: ...``) and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -195,7 +196,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         )
     plan = _plan(ns)
     t0 = time.perf_counter()
-    module = build(prog, backend="torch", plan=plan)
+    module = build(prog, backend=ns.backend, plan=plan)
     t_build = time.perf_counter() - t0
     args, kwargs = _run_inputs(prog, ns.input, ns.seed)
     t0 = time.perf_counter()
@@ -208,11 +209,26 @@ def cmd_run(ns: argparse.Namespace) -> int:
     leaves = pytree.tree_leaves(out)
     for i, leaf in enumerate(leaves):
         print(f"  output {i}: {_describe(leaf)}")
+    fallbacks = getattr(module, "fallbacks", {})
+    if ns.backend == "triton":
+        for layer, reason in sorted(fallbacks.items()):
+            print(f"  fallback {layer}: runs on the torch backend ({reason})")
+        _record_fallbacks(ns.bundle, fallbacks)
     if not ns.check:
         return 0
     assert source is not None
     ref = _reference_outputs(prog, source, args, kwargs)
     return _compare(leaves, pytree.tree_leaves(ref), ns.tol)
+
+
+def _record_fallbacks(bundle: str, fallbacks: dict[str, str]) -> None:
+    """Keep the last Triton run's fallbacks in the bundle's meta.json, where ``itnet inspect`` shows them."""
+    meta_path = Path(bundle) / "meta.json"
+    if not meta_path.exists():
+        return
+    meta = json.loads(meta_path.read_text())
+    meta["fallbacks"] = {"backend": "triton", "layers": dict(fallbacks)}
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _plan(ns: argparse.Namespace) -> dict[str, str] | None:
@@ -390,6 +406,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative error --check accepts (default 1e-4)")
+    p.add_argument("--backend", choices=("torch", "triton"), default="torch",
+                   help="torch (CPU/reference) or triton (GPU, or CPU with TRITON_INTERPRET=1)")  # fmt: skip
     p.set_defaults(func=cmd_run)
     return parser
 

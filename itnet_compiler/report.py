@@ -121,3 +121,11 @@ def print_inspect(prog: Program, console: Console, *, cost: bool = False) -> Non
     if cost:
         line += f" = {human(_at(total, sizes))} at the example sizes"
     console.print(line)
+    fallbacks = prog.meta.get("fallbacks")
+    if isinstance(fallbacks, dict) and isinstance(fallbacks.get("layers"), dict):
+        layers = fallbacks["layers"]
+        backend = fallbacks.get("backend", "triton")
+        if not layers:
+            console.print(f"last {backend} run: every transform ran its generated kernel")
+        for layer, reason in sorted(layers.items()):
+            console.print(f"fallback ({backend} run): {layer or '<root>'} ran on the torch backend: {reason}")
