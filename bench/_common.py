@@ -32,6 +32,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def git_state() -> str:
+    """``HEAD``'s short hash, with ``+dirty`` when the package or the benchmarks have uncommitted changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "itnet_compiler", "bench"], cwd=ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, object]:
     import torch
 
@@ -41,8 +57,9 @@ def machine_info() -> dict[str, object]:
         "torch": torch.__version__,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
+        # other processes on the box skew timings; the 1-minute load average when the result is written says how much
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     try:
         import transformers
@@ -50,6 +67,7 @@ def machine_info() -> dict[str, object]:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
+    info["git"] = git_state()
     try:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
         info["mem_total_gib"] = round(int(mem[1]) / 2**20, 1)
@@ -73,18 +91,34 @@ def interleaved(fns: dict[str, Callable[[], object]], iters: int, warmup: int) -
     Interleaving puts every candidate under the same drift (frequency scaling, other processes, cache state), so the
     ratio of medians is far steadier than timing one candidate's block after another's.
     """
+    return interleaved_wall_cpu(fns, iters, warmup)[0]
+
+
+def interleaved_wall_cpu(
+    fns: dict[str, Callable[[], object]], iters: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """As ``interleaved``, also recording the process CPU time of every call (ms).
+
+    On a shared box, wall time includes the time other processes hold the cores; process CPU time does not, so
+    with one torch thread (everything runs on the calling thread) it is the steadier measure of work done.
+    """
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(iters):
         k = r % len(names)
         for n in names[k:] + names[:k]:
+            c0 = time.process_time_ns()
             t0 = time.perf_counter_ns()
             fns[n]()
-            times[n].append((time.perf_counter_ns() - t0) / 1e6)
-    return times
+            t1 = time.perf_counter_ns()
+            c1 = time.process_time_ns()
+            wall[n].append((t1 - t0) / 1e6)
+            cpu[n].append((c1 - c0) / 1e6)
+    return wall, cpu
 
 
 def summary(ms: list[float]) -> dict[str, float]:

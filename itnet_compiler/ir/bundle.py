@@ -28,7 +28,7 @@ def save(prog: Program, path: str | Path) -> None:
     missing = keys - set(prog.tensors)
     if missing:
         raise ItnetError(f"cannot save: no tensor for weight(s) {sorted(missing)[:3]}")
-    tensors = {k: prog.tensors[k].detach().contiguous().clone() for k in sorted(keys)}
+    tensors = _unshared({k: prog.tensors[k].detach() for k in sorted(keys)})
     safetensors.torch.save_file(tensors, str(out / "weights.safetensors"))
     meta = {
         "format": FORMAT,
@@ -37,6 +37,24 @@ def save(prog: Program, path: str | Path) -> None:
         "transforms": [{"layer": n.layer, "family": n.family, "lowering": n.lowering} for n in prog.transforms],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied weights) or are not contiguous: copy only those."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if (
+            ptr in seen
+            or not t.is_contiguous()
+            or t.storage_offset() != 0
+            or t.numel() != t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        ):
+            t = t.contiguous().clone()
+        seen.add(ptr)
+        out[k] = t
+    return out
 
 
 def load(path: str | Path) -> Program:

@@ -39,9 +39,10 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
         lq, lk = s.shape[-2:]
         keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
+    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None else None
     p = torch.softmax(s, dim=-1)
-    if bias is not None or causal:  # a row with no admitted column attends to nothing: 0, as SDPA returns
-        p = p.masked_fill(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
+    if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns
+        p = p.masked_fill_(empty, 0.0)
     out = torch.matmul(p, v)
     return (out, p) if return_weights else out
 
