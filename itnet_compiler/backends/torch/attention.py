@@ -42,7 +42,7 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
     empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None else None
     p = torch.softmax(s, dim=-1)
     if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns
-        p = p.masked_fill_(empty, 0.0)
+        p = p.masked_fill(empty, 0.0)  # out of place: softmax backward reads its output
     out = torch.matmul(p, v)
     return (out, p) if return_weights else out
 
