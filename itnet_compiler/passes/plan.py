@@ -19,7 +19,7 @@ from ..ir.families import LOWERINGS, parse_lowering
 # Exact defaults per backend: the vendor library on the torch backend (fastest on the CPU), generated kernels on the
 # Triton backend where one exists.
 EXACT_DEFAULT = {"stationary": "library", "dot_exp": "library", "ssm": "scan", "gated": "library"}
-EXACT_DEFAULT_TRITON = {"dot_exp": "fused", "stationary": "fused", "ssm": "scan"}
+EXACT_DEFAULT_TRITON = {"dot_exp": "fused", "stationary": "fused", "ssm": "scan", "gated": "scan"}
 
 
 def load_plan(plan: dict[str, str] | str | Path | None) -> dict[str, str]:

@@ -17,7 +17,7 @@ from ...ir.core import Node, Program
 from ...ir.families import parse_lowering
 from ..torch.codegen import ItnetModule, generate
 from ..torch.registry import LOWERINGS, implementation
-from . import attention, conv, ssm
+from . import attention, conv, gated, ssm
 
 Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
 KERNELS: dict[tuple[str, str], Entry] = {}
@@ -60,6 +60,14 @@ def _(node: Node):
         return ssm.supported(x, dt, A, B, C)
 
     return ssm.ssm_scan, check, set()
+
+
+@register("gated", "scan")
+def _(node: Node):
+    def check(x, weights, *rest, **static: object) -> str | None:
+        return gated.supported(x, weights, **static)
+
+    return gated.gated_scan, check, set()
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:

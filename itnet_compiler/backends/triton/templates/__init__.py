@@ -8,6 +8,7 @@ Loads, the online normalisation, the epilogue and the stores are the template's.
 """
 
 from .attention import ATTENTION, DOT_EXP_KERNEL
+from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN
 from .ssm import SSM_KERNEL, SSM_SCAN
 from .stationary import DEPTHWISE, IMPLICIT_GEMM, STATIONARY_DEPTHWISE_KERNEL, STATIONARY_GEMM_KERNEL
 
@@ -15,7 +16,11 @@ __all__ = [
     "ATTENTION",
     "DEPTHWISE",
     "DOT_EXP_KERNEL",
+    "GRU_KERNEL",
+    "GRU_SCAN",
     "IMPLICIT_GEMM",
+    "LSTM_KERNEL",
+    "LSTM_SCAN",
     "SSM_KERNEL",
     "SSM_SCAN",
     "STATIONARY_DEPTHWISE_KERNEL",
