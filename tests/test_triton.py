@@ -313,7 +313,9 @@ def test_gated_scan_kernels_match_torch_rnn(case):
     cots = [torch.randn_like(r) for r in refs]
     for out, ref in zip(outs, refs, strict=True):
         assert _rel(out.cpu(), ref) <= 1e-5
-    grads = torch.autograd.grad(sum((o * c.float().to(DEVICE)).sum() for o, c in zip(outs, cots, strict=True)), [xs, *weights])
-    ref_grads = torch.autograd.grad(sum((r * c).sum() for r, c in zip(refs, cots, strict=True)), [x_ref, *rnn._flat_weights])
+    loss = sum((o * c.float().to(DEVICE)).sum() for o, c in zip(outs, cots, strict=True))
+    ref_loss = sum((r * c).sum() for r, c in zip(refs, cots, strict=True))
+    grads = torch.autograd.grad(loss, [xs, *weights])
+    ref_grads = torch.autograd.grad(ref_loss, [x_ref, *rnn._flat_weights])
     for a, r in zip(grads, ref_grads, strict=True):
         assert _rel(a.cpu(), r) <= 1e-5
