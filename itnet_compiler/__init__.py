@@ -7,6 +7,7 @@ mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
 
 from .api import build, convert, load, parse, plan_program
 from .errors import ItnetError, ParseError
+from .frontend import builtin_converters as _builtin_converters  # noqa: F401  (registers nn.LSTM, nn.GRU, Mamba)
 from .frontend.converters import ConverterContext, register_converter, unregister_converter
 from .ir import FAMILIES, Node, Program, Value
 

@@ -319,3 +319,40 @@ def test_gated_scan_kernels_match_torch_rnn(case):
     ref_grads = torch.autograd.grad(ref_loss, [x_ref, *rnn._flat_weights])
     for a, r in zip(grads, ref_grads, strict=True):
         assert _rel(a.cpu(), r) <= 1e-5
+
+
+def test_mamba_and_lstm_models_run_and_train_on_triton():
+    from transformers import MambaConfig, MambaModel
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=50, intermediate_size=32,
+                      use_cache=False, initializer_range=0.2)  # fmt: skip
+    mamba = MambaModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+
+    class Rnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(6, 8, num_layers=2, bidirectional=True, batch_first=True)
+            self.gru = torch.nn.GRU(16, 5, batch_first=True)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            return self.gru(y)[0]
+
+    for model, args in ((mamba, (ids,)), (Rnn().eval(), (torch.randn(3, 9, 6),))):
+        prog = itc.convert(model, args)
+        mod = itc.build(prog, backend="triton")
+        assert mod.fallbacks == {}
+        lowerings = {(t.family, t.lowering) for t in mod.program.transforms}
+        assert lowerings <= {("stationary", "fused"), ("ssm", "scan"), ("gated", "scan")}
+        out, ref = _leaves(mod(*args))[0], _leaves(model(*args))[0]
+        assert _rel(out, ref) <= 1e-5
+        r = torch.randn_like(ref)
+        (out * r).sum().backward()
+        (ref * r).sum().backward()
+        ref_params = dict(model.named_parameters())
+        scale = max(p.grad.abs().max().item() for p in ref_params.values() if p.grad is not None)
+        for name, p in mod.gm.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5 * scale)

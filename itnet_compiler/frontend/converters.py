@@ -5,11 +5,16 @@ Some layers are best seen whole (an LSTM, a Mamba mixer, a user's own block). ``
 replaced by one opaque op ``itnet::capture`` (its output shapes come from running the original forward on fake
 tensors), and the importer then asks the converter to emit the nodes for it. Inputs arrive as IR Values in the order
 of the module call's flattened tensor arguments; the converter must return the flattened outputs in order.
+
+A forward that cannot run on fake tensors with symbolic sizes (a Python loop over time specialises the length; torch's
+LSTM decomposition does the same) registers ``shapes``: a function that returns what the forward would return as empty
+tensors, which the capture op's fake implementation calls instead of the forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,30 +28,60 @@ from ..ir.families import FamilyAttrs
 from ..ir.types import Type
 
 Converter = Callable[..., object]
-_REGISTRY: dict[type, Converter] = {}
+Shapes = Callable[..., object]
+# Keyed by class, or by a class's qualified name (``module.QualName``) for classes of optional libraries.
+_REGISTRY: dict[type | str, Converter] = {}
+_SHAPES: dict[type | str, Shapes] = {}
 _ACTIVE: dict[str, _Capture] = {}
 _COUNTER = itertools.count()
 
 
-def register_converter(cls: type[torch.nn.Module]) -> Callable[[Converter], Converter]:
-    """Decorator: ``@register_converter(MyBlock)`` over ``def convert(ctx, module, *inputs)``."""
+def register_converter(
+    cls: type[torch.nn.Module] | str, *, shapes: Shapes | None = None
+) -> Callable[[Converter], Converter]:
+    """Decorator: ``@register_converter(MyBlock)`` over ``def convert(ctx, module, *inputs)``.
+
+    ``cls`` may be a qualified class name (``"transformers.models.mamba.modeling_mamba.MambaMixer"``), matched without
+    importing it: converters for classes of optional, slow-to-import libraries cost nothing until such a model is seen.
+
+    ``shapes(module, *args, **kwargs)``, when given, returns the forward's result as empty tensors of the right shapes
+    and dtypes (``x.new_empty(...)``); export runs it on fake tensors in place of the forward.
+    """
 
     def deco(fn: Converter) -> Converter:
         _REGISTRY[cls] = fn
+        if shapes is None:
+            _SHAPES.pop(cls, None)
+        else:
+            _SHAPES[cls] = shapes
         return fn
 
     return deco
 
 
-def unregister_converter(cls: type[torch.nn.Module]) -> None:
+def unregister_converter(cls: type[torch.nn.Module] | str) -> None:
     _REGISTRY.pop(cls, None)
+    _SHAPES.pop(cls, None)
+
+
+def _key(module: torch.nn.Module) -> type | str | None:
+    """The registry key for ``module``: the nearest class in its MRO registered by itself or by its qualified name."""
+    for klass in type(module).__mro__:
+        for key in (klass, f"{klass.__module__}.{klass.__qualname__}"):
+            if key in _REGISTRY:
+                return key
+    return None
 
 
 def converter_for(module: torch.nn.Module) -> Converter | None:
-    for klass in type(module).__mro__:
-        if klass in _REGISTRY:
-            return _REGISTRY[klass]
-    return None
+    key = _key(module)
+    return None if key is None else _REGISTRY[key]
+
+
+def shapes_for(module: torch.nn.Module) -> Shapes | None:
+    """The ``shapes`` function registered with the converter that ``converter_for`` picks, if any."""
+    key = _key(module)
+    return None if key is None else _SHAPES.get(key)
 
 
 @dataclass
@@ -55,6 +90,7 @@ class _Capture:
     path: str
     forward: Callable[..., object]
     converter: Converter
+    shapes: Shapes | None = None
     in_spec: object = None
     leaves: list[object] = field(default_factory=list)
     out_spec: object = None
@@ -67,15 +103,21 @@ def _capture_op(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
 
 @_capture_op.register_fake
 def _(tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
-    return _run_original(tensors, key)
+    return _run_original(tensors, key, fake=True)
 
 
-def _run_original(tensors: Sequence[torch.Tensor], key: str) -> list[torch.Tensor]:
+def _run_original(tensors: Sequence[torch.Tensor], key: str, fake: bool = False) -> list[torch.Tensor]:
     cap = _ACTIVE[key]
     it = iter(tensors)
     leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in cap.leaves]
     args, kwargs = pytree.tree_unflatten(leaves, cap.in_spec)
-    out = cap.forward(*args, **kwargs)
+    forward = functools.partial(cap.shapes, cap.module) if fake and cap.shapes is not None else cap.forward
+    try:
+        out = forward(*args, **kwargs)
+    except ItnetError as e:
+        if e.layer is not None:
+            raise
+        raise ItnetError(str(e), layer=cap.path) from None
     flat, cap.out_spec = pytree.tree_flatten(out)
     bad = [type(x).__name__ for x in flat if not isinstance(x, torch.Tensor)]
     if bad:
@@ -99,7 +141,7 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[str, _Capture]]:
         if conv is None or any(path.startswith(p + ".") for _, p in swapped if p):
             continue
         key = f"c{next(_COUNTER)}"
-        cap = _Capture(mod, path, mod.forward, conv)
+        cap = _Capture(mod, path, mod.forward, conv, shapes_for(mod))
         mine[key] = _ACTIVE[key] = cap
         mod.forward = _make_forward(key, cap)
         swapped.append((mod, path))

@@ -4,6 +4,7 @@ from .core import TRANSFORM, Node, Program, Value, Weight
 from .families import FAMILIES, DotExpAttrs, FamilyAttrs, StationaryAttrs, parse_lowering, register_family
 from .parser import parse
 from .printer import print_program
+from .recurrent import GatedAttrs, SsmAttrs
 from .types import ScalarType, TensorType
 from .verify import verify
 
@@ -12,9 +13,11 @@ __all__ = [
     "TRANSFORM",
     "DotExpAttrs",
     "FamilyAttrs",
+    "GatedAttrs",
     "Node",
     "Program",
     "ScalarType",
+    "SsmAttrs",
     "StationaryAttrs",
     "TensorType",
     "Value",

@@ -2,6 +2,14 @@
 
 from .attention import attention_dense, attention_fused, attention_library
 from .conv import conv_dense, conv_library
+from .fft import conv_fft_1d
+from .fft_conv import conv_fft
+from .fused_conv import conv_fused
+from .lowrank import attention_lowrank
+from .lowrank_conv import conv_lowrank
+from .montecarlo import attention_montecarlo
+from .montecarlo_conv import conv_montecarlo
+from .recurrent import gated_library, gated_scan, ssm_chunked, ssm_dense, ssm_scan
 from .registry import LOWERINGS, OPTIONS, implementation, register
 
 __all__ = [
@@ -10,8 +18,20 @@ __all__ = [
     "attention_dense",
     "attention_fused",
     "attention_library",
+    "attention_lowrank",
+    "attention_montecarlo",
     "conv_dense",
+    "conv_fft",
+    "conv_fft_1d",
+    "conv_fused",
     "conv_library",
+    "conv_lowrank",
+    "conv_montecarlo",
+    "gated_library",
+    "gated_scan",
     "implementation",
     "register",
+    "ssm_chunked",
+    "ssm_dense",
+    "ssm_scan",
 ]

@@ -1,0 +1,225 @@
+"""The ``lowrank`` lowering of pair-kernel transforms (``dot_exp`` now, ``mlp`` later): K(i, j) ≈ φ(i)ᵀψ(j), then
+y_i = φ(i)ᵀ Σ_j ψ(j) v_jᵀ [/ φ(i)ᵀ Σ_j ψ(j)] in O(N·r·d) instead of O(N²·d).
+
+Spec: ``lowrank:method=favor,rank=64,seed=0`` (see ``LowRankOptions``). Methods:
+
+- ``favor``: positive orthogonal random features (FAVOR+, Choromanski et al.), unbiased for exp(s⟨q, k⟩); variance
+  grows with the logit scale, so peaked attention needs a high rank.
+- ``nystrom``: r landmark columns, through the kernel's own ``nystrom`` (for ``dot_exp``: classical Nyström of the
+  positive-definite Gaussian kernel hidden in exp(⟨x, y⟩), see ``DotExpKernel.nystrom``); exact when every column
+  is a landmark. Factors are signed. Under causal support the landmarks summarise the whole sequence: values stay
+  causal, but φ(i) depends on later keys.
+- ``learned``: FAVOR-shaped features exp(Ωx - ‖x‖²/2) with separate query and key maps Ω_q, Ω_k per head, fitted
+  by Adam to the exact outputs of calibration activations (a sample of rows, at most ``calib`` columns; causal layers
+  are fitted on their first ``calib`` positions). They are fitted on the first call made under an active
+  ``RuntimeState`` and reused from it afterwards (the first forward is the calibration pass); with no active state
+  every call fits anew.
+
+Causal support (row i sees j ≤ i) is computed by prefix sums over chunks of ``chunk`` rows: a running Σ ψ vᵀ state
+carries the past chunks; inside a chunk the kernel is evaluated exactly (``local=1``, the default: O(N·chunk·d) more
+work, and the early rows, whose short prefixes make factorised normalisers fragile, become exact) or factorised too
+(``local=0``, the pure linear-attention recurrence).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from ...errors import ItnetError
+from ...ir.core import Node
+from ...ir.families import DotExpAttrs, parse_lowering
+from .pairkernel import DotExpKernel, Factors, PairKernel, causal_keep, expand_kv, orthogonal_gaussian, stabilised
+from .registry import register
+from .runtime import cached
+
+METHODS = ("favor", "nystrom", "learned")
+
+
+@dataclass(frozen=True)
+class LowRankOptions:
+    method: str = "favor"  # favor | nystrom | learned
+    rank: int = 64  # r: features, or landmarks for nystrom
+    seed: int = 0
+    landmarks: str = "strided"  # nystrom: strided | random
+    chunk: int = 256  # causal: rows per chunk of the prefix-sum evaluation
+    local: int = 1  # causal: 1 = the diagonal chunks exactly, 0 = everything factorised
+    steps: int = 100  # learned: Adam steps
+    lr: float = 0.02  # learned: Adam learning rate
+    calib: int = 512  # learned: at most this many columns (and 1/4 as many rows) of calibration data
+
+    @classmethod
+    def make(cls, layer: str = "", **opts: object) -> LowRankOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = set(opts) - known
+        if unknown:
+            raise ItnetError(f"unknown lowrank option(s) {sorted(unknown)}; known: {sorted(known)}", layer=layer)
+        o = cls(**opts)  # type: ignore[arg-type]
+        if o.method not in METHODS:
+            raise ItnetError(f"lowrank method for attention must be one of {', '.join(METHODS)}", layer=layer)
+        if not isinstance(o.rank, int) or o.rank < 1 or not isinstance(o.chunk, int) or o.chunk < 1:
+            raise ItnetError("lowrank rank and chunk must be positive integers", layer=layer)
+        if o.landmarks not in ("strided", "random"):
+            raise ItnetError("lowrank landmarks must be strided or random", layer=layer)
+        return o
+
+
+def linear_transform(phi, psi, v, *, causal: bool, normalized: bool, chunk: int = 256, diagonal=None) -> torch.Tensor:
+    """y_i = Σ_{j∈S(i)} φ_iᵀψ_j v_j [/ Σ_{j∈S(i)} φ_iᵀψ_j]: φ [*b, L_q, r], ψ [*b, L_k, r], v [*b, L_k, d].
+
+    Causal: ``diagonal(c0, c1, j1)``, when given, returns the kernel block of rows [c0, c1) × columns [c0, j1)
+    (in the factors' units) to use instead of the factorised one inside each chunk, so only the past is factorised."""
+    lq, lk = phi.shape[-2], psi.shape[-2]
+    if not causal:
+        num = phi @ (psi.transpose(-2, -1) @ v)
+        return num / _safe(phi @ psi.sum(-2)[..., None]) if normalized else num
+    state = phi.new_zeros(*phi.shape[:-2], phi.shape[-1], v.shape[-1])
+    zsum = phi.new_zeros(*phi.shape[:-2], phi.shape[-1], 1)
+    out = v.new_empty(*v.shape[:-2], lq, v.shape[-1])
+    for c0 in range(0, lq, chunk):
+        c1 = min(c0 + chunk, lq)
+        ph = phi[..., c0:c1, :]
+        num, den = ph @ state, ph @ zsum
+        j1 = min(c1, lk)
+        if c0 < j1:
+            ps, vs = psi[..., c0:j1, :], v[..., c0:j1, :]
+            block = diagonal(c0, c1, j1) if diagonal is not None else ph @ ps.transpose(-2, -1)
+            a = block * causal_keep(c0, c1, c0, j1, ph.device)
+            num, den = num + a @ vs, den + a.sum(-1, keepdim=True)
+            state = state + ps.transpose(-2, -1) @ vs
+            zsum = zsum + ps.sum(-2)[..., None]
+        out[..., c0:c1, :] = num / _safe(den) if normalized else num
+    return out
+
+
+def _safe(den: torch.Tensor) -> torch.Tensor:
+    """Denominators that vanish (every feature underflowed, or signed factors cancelled) are left tiny, not zero."""
+    return torch.where(den == 0, torch.full_like(den, torch.finfo(den.dtype).tiny), den)
+
+
+# ---------------------------------------------------------------------------------------------- learned features
+
+
+@dataclass(frozen=True)
+class LearnedFeatures:
+    """Per-head feature maps: log φ(x) = Ω_q x - ‖x‖²/2, log ψ(y) = Ω_k y - ‖y‖²/2, with x = √s·q, y = √s·k."""
+
+    omega_q: torch.Tensor  # [H, r, D]
+    omega_k: torch.Tensor  # [H, r, D]
+
+    def features(self, kernel: DotExpKernel) -> Factors:
+        root = math.sqrt(kernel.scale)
+        lq = _log_features(kernel.q * root, self.omega_q.to(kernel.q.dtype))
+        lk = _log_features(kernel.k * root, self.omega_k.to(kernel.k.dtype))
+        bias = kernel.column_bias()
+        if bias is not None:
+            lk = lk + bias[..., None]
+        return stabilised(lq, lk, exact_units=True)
+
+
+def _log_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """x [B, H, L, D], omega [H, r, D] -> [B, H, L, r]."""
+    proj = torch.einsum("bhld,hrd->bhlr", x, omega)
+    return proj - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(omega.shape[1])
+
+
+def fit_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions) -> LearnedFeatures:
+    """Fit Ω_q, Ω_k (FAVOR-initialised) to the exact attention outputs of calibration activations."""
+    k, v = expand_kv(q, k), expand_kv(q, v)
+    gen = torch.Generator().manual_seed(opts.seed)
+    n_cols = min(k.shape[-2], opts.calib)
+    n_rows = max(1, n_cols // 4)
+    if causal:  # the first calib positions are a causal problem of their own; all its rows feed the prefix sums
+        cols = torch.arange(n_cols)
+        q_cal = q[..., :n_cols, :]
+        rows = torch.randperm(n_cols, generator=gen)[:n_rows].sort().values
+    else:  # rows are independent: fit on a sample of them only
+        cols = torch.randperm(k.shape[-2], generator=gen)[:n_cols].sort().values
+        q_cal = q[..., torch.randperm(q.shape[-2], generator=gen)[:n_rows].sort().values, :]
+        rows = torch.arange(q_cal.shape[-2])
+    with torch.inference_mode(False), torch.enable_grad():
+        qc = (q_cal.detach().clone() * math.sqrt(scale)).double()
+        kc = (k[..., cols, :].detach().clone() * math.sqrt(scale)).double()
+        vc = v[..., cols, :].detach().clone().double()
+        logits = qc[..., rows, :] @ kc.transpose(-2, -1)
+        if causal:
+            logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        target = torch.softmax(logits, -1) @ vc
+        heads, dim = q.shape[1], q.shape[-1]
+        init = torch.stack([orthogonal_gaussian(opts.rank, dim, gen, torch.float64) for _ in range(heads)])
+        omega_q = init.clone().requires_grad_(True)
+        omega_k = init.clone().requires_grad_(True)
+        optim = torch.optim.Adam([omega_q, omega_k], lr=opts.lr)
+        scale_ref = target.pow(2).sum()
+        for _ in range(opts.steps):
+            lq = _log_features(qc, omega_q)
+            lk = _log_features(kc, omega_k)
+            phi = (lq - lq.amax(-1, keepdim=True).detach()).exp()
+            psi = (lk - lk.flatten(-2).amax(-1)[..., None, None].detach()).exp()
+            y = linear_transform(phi, psi, vc, causal=causal, normalized=True, chunk=opts.chunk)[..., rows, :]
+            loss = (y - target).pow(2).sum() / scale_ref
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    return LearnedFeatures(omega_q.detach().to(q.dtype), omega_k.detach().to(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- the lowering
+
+
+def lowrank_transform(kernel: PairKernel, v: torch.Tensor, opts: LowRankOptions, factors: Factors | None = None):
+    """The generic part: factors from ``kernel`` (favor, nystrom) unless given, then the factorised transform.
+
+    Under causal support with ``local=1`` and factors in known units, each diagonal chunk uses the exact kernel:
+    rows see their recent past exactly (the first chunk entirely), the factors carry only the older past."""
+    if factors is None and opts.method == "favor":
+        factors = kernel.features(opts.rank, opts.seed)
+    elif factors is None and opts.method == "nystrom":
+        factors = kernel.nystrom(opts.rank, opts.landmarks, opts.seed)
+    elif factors is None:
+        raise ItnetError(f"lowrank method {opts.method!r} needs a family-specific fit", layer=kernel.layer or None)
+    diagonal = None
+    if kernel.causal and opts.local and factors.log_scale is not None:
+        scale = factors.log_scale
+
+        def diagonal(c0: int, c1: int, j1: int) -> torch.Tensor:
+            blk = kernel.block(slice(c0, c1), slice(c0, j1))
+            return (blk + scale[..., c0:c1, None]).exp() if kernel.normalized else blk
+
+    return linear_transform(
+        factors.phi,
+        factors.psi,
+        v,
+        causal=kernel.causal,
+        normalized=kernel.normalized,
+        chunk=opts.chunk,
+        diagonal=diagonal,
+    )
+
+
+def attention_lowrank(q, k, v, mask=None, *, scale, causal, return_weights, layer="", **options):
+    """Softmax attention through a rank-r factorisation of its kernel."""
+    if return_weights:
+        raise ItnetError("the lowrank lowering cannot return attention weights; use dense", layer=layer or None)
+    opts = LowRankOptions.make(layer, **options)
+    kernel = DotExpKernel(q, k, mask, scale=scale, causal=causal, layer=layer)
+    factors = None
+    if opts.method == "learned":
+        key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib)
+        fitted = cached(key, (), lambda: fit_features(q, k, v, scale=scale, causal=causal, opts=opts))
+        factors = fitted.features(kernel)
+    return lowrank_transform(kernel, expand_kv(q, v), opts, factors)
+
+
+OPTIONS = tuple(f.name for f in fields(LowRankOptions))
+
+
+@register("dot_exp", "lowrank", options=OPTIONS)
+def _(node: Node):
+    a = node.attrs
+    assert isinstance(a, DotExpAttrs)
+    LowRankOptions.make(node.name, **parse_lowering(a.lowering)[1])
+    static = {"scale": a.scale, "causal": a.support == "causal", "return_weights": a.return_weights}
+    return attention_lowrank, {**static, "layer": node.name}
