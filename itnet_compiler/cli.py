@@ -196,7 +196,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         )
     plan = _plan(ns)
     t0 = time.perf_counter()
-    module = build(prog, backend=ns.backend, plan=plan)
+    module = build(prog, backend=ns.backend, plan=plan, error_budget=ns.error_budget)
     t_build = time.perf_counter() - t0
     args, kwargs = _run_inputs(prog, ns.input, ns.seed)
     t0 = time.perf_counter()
@@ -209,6 +209,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     leaves = pytree.tree_leaves(out)
     for i, leaf in enumerate(leaves):
         print(f"  output {i}: {_describe(leaf)}")
+    for layer, est in sorted(getattr(module, "error_estimates", {}).items()):
+        print(f"  {layer or '<root>'}: estimated relative error {est.get('rel', float('nan')):.3g} (Monte Carlo)")
     fallbacks = getattr(module, "fallbacks", {})
     if ns.backend == "triton":
         for layer, reason in sorted(fallbacks.items()):
@@ -406,6 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative error --check accepts (default 1e-4)")
+    p.add_argument(
+        "--error-budget", type=float, default=None, help="cost model picks lowerings within this error per layer"
+    )
     p.add_argument("--backend", choices=("torch", "triton"), default="torch",
                    help="torch (CPU/reference) or triton (GPU, or CPU with TRITON_INTERPRET=1)")  # fmt: skip
     p.set_defaults(func=cmd_run)

@@ -489,15 +489,14 @@ def test_built_modules_run_every_lowering_and_report_errors(tiny, plan):
 
     prog, x, ref = tiny
     mod = itc.build(prog, plan=PLANS[plan])
-    state = RuntimeState()
-    with state, torch.no_grad():
+    with torch.no_grad():
         out = mod(x)
     err = rel(out, ref)
     if plan == "montecarlo":
-        assert set(state.errors) == {"conv", "attn"}
-        assert err <= 0.25 and all(e["rel"] <= 0.15 for e in state.error_table().values())
+        assert set(mod.error_estimates) == {"conv", "attn"}
+        assert err <= 0.25 and all(e["rel"] <= 0.15 for e in mod.error_estimates.values())
     else:
-        assert err <= 1e-4 and not state.errors
+        assert err <= 1e-4 and not mod.error_estimates
 
 
 def test_a_bad_spec_fails_at_build_naming_the_layer(tiny):
@@ -530,8 +529,11 @@ def family_plan(prog, specs: dict[str, str]) -> dict[str, str]:
     return {(n.layer or n.outputs[0].name): specs[n.family] for n in prog.transforms if n.family in specs}
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("case", REAL, indirect=True)
+ATTENTION_ONLY = {"encoder-causal", "mha-bf1-w0-pad1", "bert-sdpa", "gpt2-eager", "llama-eager-leftpad"}
+APPLICABLE = [(c, k) for c in REAL for k in KINDS if not (k == "fft" and c in ATTENTION_ONLY)]
+
+
+@pytest.mark.parametrize(("case", "kind"), APPLICABLE, indirect=["case"])
 def test_real_models_run_under_every_applicable_lowering(case, prog, eager_out, kind):
     """End to end through a plan: exact lowerings (and full-rank factorisations) match eager; Monte Carlo lands
     within its loose budget and reports an estimate for every sampled layer."""
@@ -541,11 +543,9 @@ def test_real_models_run_under_every_applicable_lowering(case, prog, eager_out, 
 
     specs, tol = KINDS[kind]
     plan = family_plan(prog, specs)
-    if not plan:
-        pytest.skip(f"{case.name} has no layer of a family that {kind} applies to")
+    assert plan, f"{case.name} has no layer of a family that {kind} applies to"
     mod = itc.build(prog, plan=plan)
-    state = RuntimeState()
-    with state, torch.no_grad():
+    with torch.no_grad():
         out = mod(*case.args, **case.kwargs)
     pairs = [
         (a, b)
@@ -557,4 +557,4 @@ def test_real_models_run_under_every_applicable_lowering(case, prog, eager_out, 
         err = ((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm()).item()
         assert err <= tol, f"{case.name} under {kind}: relative error {err:.3g}"
     if kind == "montecarlo":
-        assert set(state.errors) == {n.name for n in prog.transforms if n.family in specs}
+        assert set(mod.error_estimates) == {n.name for n in prog.transforms if n.family in specs}

@@ -198,3 +198,23 @@ def test_cost_table_lists_every_applicable_lowering_at_the_sizes(mixed):
     assert set(rows) == {"dense", "library", "fused", "montecarlo", "lowrank"}
     assert rows["dense"]["bytes_at"] > 100 * rows["library"]["bytes_at"]
     assert rows["library"]["error_at"] == 0 and math.isinf(rows["lowrank"]["error_at"])
+
+
+def test_build_with_error_budget_records_choices_and_module_reports_error_estimates():
+    """Public path: build(error_budget=...) lets the cost model choose; a Monte Carlo layer chosen by plan reports
+    its own error estimate through module.error_estimates, next to the true error against the exact build."""
+    import itnet_compiler as itc
+
+    torch.manual_seed(0)
+    layer = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 64, 32)
+    prog = itc.convert(layer, (x, x, x), kwargs={"need_weights": False})
+    exact = itc.build(prog, error_budget=0.0)
+    assert {t.lowering for t in exact.program.transforms} <= {"library", "fused", "dense"}
+    assert "lowering_choices" in exact.program.meta
+    mc = itc.build(prog, plan={"*": "montecarlo:samples=32,mode=per_row,seed=0"})
+    out, ref = mc(x, x, x, need_weights=False)[0], exact(x, x, x, need_weights=False)[0]
+    (est,) = mc.error_estimates.values()
+    true = ((out - ref).norm() / ref.norm()).item()
+    assert est["samples"] == 32 and 0 < est["rel"] < float("inf")
+    assert 0 < true < float("inf")  # an estimate, not exact: the approximation is recorded, never silent

@@ -13,6 +13,7 @@ from .. import config
 from ..ir.core import Program
 from ..ir.verify import verify
 from . import recognize_attention, recognize_conv
+from .choose_lowering import ChooseOptions, choose_lowering
 from .cleanup import dce
 from .plan import apply_plan, resolve_auto
 from .rewrite import apply_rules
@@ -52,5 +53,14 @@ def recognise(prog: Program) -> Program:
     return run_steps(prog, RECOGNISE)
 
 
-def plan_steps(plan: dict[str, str] | str | Path | None, backend: str = "torch") -> list[Step]:
-    return [("apply-plan", lambda p: apply_plan(p, plan)), ("resolve-auto", lambda p: resolve_auto(p, backend))]
+def plan_steps(
+    plan: dict[str, str] | str | Path | None, backend: str = "torch", choose: ChooseOptions | None = None
+) -> list[Step]:
+    """Apply the plan; then either the cost model picks lowerings within an error budget (``choose``), or every
+    ``auto`` gets its family's exact default for the backend. Anything the cost model leaves at ``auto`` (families
+    without cost rules) gets the exact default too."""
+    steps: list[Step] = [("apply-plan", lambda p: apply_plan(p, plan))]
+    if choose is not None:
+        steps.append(("choose-lowering", lambda p: choose_lowering(p, choose)))
+    steps.append(("resolve-auto", lambda p: resolve_auto(p, backend)))
+    return steps

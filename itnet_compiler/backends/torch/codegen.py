@@ -22,6 +22,7 @@ from ...ir.core import Node, Program, Value
 from ...ir.ops import resolve_op
 from ...ir.types import DTYPE_NAMES, TensorType
 from .lowerings import implementation
+from .runtime import RuntimeState
 
 
 def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) -> None:
@@ -136,6 +137,13 @@ class ItnetModule(torch.nn.Module):
         ]
         # Positional tensors only, no keywords: the call needs no pytree flattening.
         self._plain = _plain_args(prog.in_spec, len(self._checks))
+        # Error estimates of Monte Carlo layers and cached factors (SVD, FFT spectra, learned features) of this module.
+        self.runtime = RuntimeState()
+
+    @property
+    def error_estimates(self) -> dict[str, dict[str, float | int]]:
+        """Per layer: the standard-error estimate its Monte Carlo lowering reported on the last forward."""
+        return self.runtime.error_table()
 
     @property
     def code(self) -> str:
@@ -144,7 +152,8 @@ class ItnetModule(torch.nn.Module):
     def forward(self, *args: object, **kwargs: object) -> object:
         if self._plain and not kwargs and len(args) == len(self._checks):
             self._check(args)
-            out = self.gm(*args)
+            with self.runtime:
+                out = self.gm(*args)
             return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
         if self._kw_order is not None:
             extra = set(kwargs) - set(self._kw_order)
@@ -158,7 +167,8 @@ class ItnetModule(torch.nn.Module):
                 "pass the same arguments as at conversion"
             )
         self._check(flat)
-        out = self.gm(*flat)
+        with self.runtime:
+            out = self.gm(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
 
     def _fast_ok(self, flat) -> bool:
