@@ -84,6 +84,33 @@ def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
         loader.render(templates.ATTENTION, {"TITLE": "x"})
 
 
+RENDERED = {
+    "stationary_depthwise": ("DEPTHWISE", "stationary depthwise direct", "STATIONARY_DEPTHWISE_KERNEL"),
+    "stationary_gemm": ("IMPLICIT_GEMM", "stationary implicit GEMM", "STATIONARY_GEMM_KERNEL"),
+    "ssm_scan": ("SSM_SCAN", "ssm selective scan", "SSM_KERNEL"),
+    "gated_lstm": ("LSTM_SCAN", "gated LSTM scan", "LSTM_KERNEL"),
+    "gated_gru": ("GRU_SCAN", "gated GRU scan", "GRU_KERNEL"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_every_family_kernel_matches_its_snapshot(name):
+    """The sources the backend loads are the snapshots (rendered exactly as the backend modules render them)."""
+    from itnet_compiler.backends.triton import conv, gated, ssm
+
+    loaders = {"stationary_depthwise": conv.kernels, "stationary_gemm": conv.gemm_kernels, "ssm_scan": ssm.kernels,
+               "gated_lstm": gated.kernels, "gated_gru": gated.gru_kernels}  # fmt: skip
+    template, title, kernel = RENDERED[name]
+    source = loader.render(getattr(templates, template), {"TITLE": title, "KERNEL": getattr(templates, kernel)})
+    golden = os.path.join(GOLDEN, f"{name}.py")
+    if os.environ.get("ITNET_UPDATE_GOLDEN"):
+        with open(golden, "w") as f:
+            f.write(source)
+    with open(golden) as f:
+        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert open(loaders[name]().__file__).read() == source
+
+
 def test_debug_level_3_prints_generated_source(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("ITNET_DEBUG", "3")
