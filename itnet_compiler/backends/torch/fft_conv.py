@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import ItnetError
 from ...ir.core import Node
-from .fused_conv import add_bias, conv_static, direct_form
+from .fused_conv import add_bias, conv_static, direct_form, nonempty
 from .registry import LOWERINGS, register
 from .runtime import cached
 
@@ -25,21 +24,10 @@ from .runtime import cached
 def conv_fft(
     x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding, padding_mode, layer=""
 ):
-    dc = direct_form(
-        x,
-        weight,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        transposed=transposed,
-        output_padding=output_padding,
-        padding_mode=padding_mode,
-        layer=layer,
-    )
+    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              layer=layer), layer)  # fmt: skip
     out_size = dc.out_size
-    if any(o <= 0 for o in out_size):
-        raise ItnetError(f"the convolution output would be empty ({out_size})", layer=layer or None)
     xp, w = dc.x, dc.weight
     rank = xp.dim() - 2
     dims = tuple(range(-rank, 0))

@@ -97,6 +97,13 @@ def add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
 
 
+def nonempty(dc: DirectConv, layer: str) -> DirectConv:
+    """Every convolution lowering refuses an empty output with the same one-line error."""
+    if any(o <= 0 for o in dc.out_size):
+        raise ItnetError(f"the convolution output would be empty ({dc.out_size})", layer=layer or None)
+    return dc
+
+
 def conv_fused(
     x,
     weight,
@@ -113,21 +120,10 @@ def conv_fused(
     layer="",
 ):
     """Exact convolution by tiles of output rows; memory O(N) beyond the output (the padded input)."""
-    dc = direct_form(
-        x,
-        weight,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        transposed=transposed,
-        output_padding=output_padding,
-        padding_mode=padding_mode,
-        layer=layer,
-    )
+    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              layer=layer), layer)  # fmt: skip
     out_size = dc.out_size
-    if any(o <= 0 for o in out_size):
-        raise ItnetError(f"the convolution output would be empty ({out_size})", layer=layer or None)
     rank = x.dim() - 2
     k = dc.weight.shape[2:]
     taps = math.prod(k)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ...errors import ItnetError
 from ...ir.core import Node
 from ...ir.families import parse_lowering
-from .fused_conv import DirectConv, add_bias, conv_static, direct_form, point_rows, tap_input, tap_list
+from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
 from .registry import register
 from .runtime import cached
 
@@ -194,20 +194,9 @@ def conv_lowrank(
     **options,
 ):
     opts = ConvLowRankOptions.make(layer, **options)
-    dc = direct_form(
-        x,
-        weight,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        transposed=transposed,
-        output_padding=output_padding,
-        padding_mode=padding_mode,
-        layer=layer,
-    )
-    if any(o <= 0 for o in dc.out_size):
-        raise ItnetError(f"the convolution output would be empty ({dc.out_size})", layer=layer or None)
+    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              layer=layer), layer)  # fmt: skip
     chain = cached((layer, "lowrank", opts), (weight,), lambda: factorize(dc, opts, layer))
     return add_bias(chain(dc.x), bias)
 

@@ -21,10 +21,9 @@ import math
 
 import torch
 
-from ...errors import ItnetError
 from ...ir.core import Node
 from ...ir.families import parse_lowering
-from .fused_conv import DirectConv, add_bias, conv_static, direct_form, point_rows, tap_input, tap_list
+from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
 from .montecarlo import OPTIONS, MonteCarloOptions, relative
 from .registry import register
 from .runtime import ErrorEstimate, cached, report_error
@@ -137,20 +136,9 @@ def conv_montecarlo(
 ):
     """Unbiased sampled convolution; with ``return_error`` also its ``ErrorEstimate``."""
     opts = MonteCarloOptions.make(layer, **options)
-    dc = direct_form(
-        x,
-        weight,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        transposed=transposed,
-        output_padding=output_padding,
-        padding_mode=padding_mode,
-        layer=layer,
-    )
-    if any(o <= 0 for o in dc.out_size):
-        raise ItnetError(f"the convolution output would be empty ({dc.out_size})", layer=layer or None)
+    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
+                              layer=layer), layer)  # fmt: skip
     y, var = conv_montecarlo_direct(dc, opts, layer, weight)
     err = math.sqrt(var)
     out = add_bias(y, bias)
