@@ -383,3 +383,26 @@ def test_mamba_and_lstm_models_run_and_train_on_triton():
         for name, p in mod.gm.named_parameters():
             if p.grad is not None:
                 torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiles_a_mask_rules_out_are_skipped_and_the_answer_is_unchanged(causal):
+    """Document masking (block-diagonal): whole tiles are dead, the kernel skips them, results equal the reference."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 2, 48, 16
+    doc = torch.arange(n) // 16  # three documents of 16 tokens
+    mask = (doc[:, None] == doc[None, :]).expand(b, 1, n, n).clone()
+    mask[1, :, 40:, :] = False  # and some fully masked rows: they attend to nothing (output 0)
+    blocks = tri_attn.live_tiles(mask.to(DEVICE), (b, h, n, n), 16, 16)
+    assert blocks is not None and int((blocks == 0).sum()) > 0
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    leaves = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out = tri_attn.fused_attention(*leaves, mask.to(DEVICE), scale=0.25, causal=causal, block_m=16, block_n=16)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_dense(*ref_leaves, mask, scale=0.25, causal=causal, return_weights=False)
+    assert _rel(out.cpu(), ref) <= 1e-5
+    assert out[1, :, 40:].abs().max().item() == 0.0
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, do.float().to(DEVICE))
+    for a, r in zip(grads, torch.autograd.grad(ref, ref_leaves, do), strict=True):
+        assert _rel(a.cpu(), r) <= 1e-5

@@ -40,8 +40,10 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
         keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None else None
+    if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns (finite gradients)
+        s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1)
-    if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns
+    if empty is not None:
         p = p.masked_fill(empty, 0.0)  # out of place: softmax backward reads its output
     out = torch.matmul(p, v)
     return (out, p) if return_weights else out

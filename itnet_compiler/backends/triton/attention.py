@@ -68,6 +68,32 @@ def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
     return mask, tuple(mask.stride())
 
 
+def live_tiles(
+    mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int
+) -> torch.Tensor | None:
+    """Block sparsity: int8 [B|1, H|1, tiles_m, tiles_n] (broadcast through zero strides), 0 where the mask rules out
+    every pair of a (row tile, column tile); None when no tile can be skipped (the kernel then reads no table)."""
+    if mask is None:
+        return None
+    b, h, lq, lk = shape
+    dead = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)
+    while dead.dim() < 4:
+        dead = dead.unsqueeze(0)
+    if not bool(dead.any()):
+        return None
+    rows, cols = dead.shape[-2], dead.shape[-1]
+    pr = (-rows) % bm if rows == lq else 0
+    pc = (-cols) % bn if cols == lk else 0
+    dead = torch.nn.functional.pad(dead, (0, pc, 0, pr), value=True)
+    tm = dead.shape[-2] // bm if rows == lq else 1
+    tn = dead.shape[-1] // bn if cols == lk else 1
+    dead = dead.reshape(*dead.shape[:2], tm, dead.shape[-2] // tm, tn, dead.shape[-1] // tn).all(5).all(3)
+    if not bool(dead.any()):
+        return None
+    live = (~dead).to(torch.int8)
+    return live.expand(b, h, triton.cdiv(lq, bm), triton.cdiv(lk, bn))  # size-1 dims broadcast with stride 0
+
+
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -108,10 +134,12 @@ def forward(q, k, v, mask, scale: float, causal: bool, opts: AttentionOptions):
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     mod = kernels()
     grid = (triton.cdiv(lq, opts.block_m), b * h)
+    blocks = live_tiles(mask, (b, h, lq, lk), opts.block_m, opts.block_n)
+    blk, bst = (blocks, tuple(blocks.stride())) if blocks is not None else (lse, (0, 0, 0, 0))
     mod.attention_fwd[grid](
-        q, k, v, bias, o, lse, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
+        q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
         h, group, lq, lk, d, scale * LOG2E,
-        HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype),
+        HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
         BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=opts.num_warps, num_stages=opts.num_stages,
     )  # fmt: skip

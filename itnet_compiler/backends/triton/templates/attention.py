@@ -41,10 +41,28 @@ def _split(lo, hi, first_masked):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
                skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+               BLK, stb, sth, stm, stn, pid_m,
                HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc."""
+               HAS_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc.
+    With HAS_BLOCKS, tiles the mask rules out entirely (BLK[b, h, pid_m, tile] == 0) are skipped: they add nothing."""
     for start_n in range(lo, hi, BLOCK_N):
+        live = 1
+        if HAS_BLOCKS:
+            live = tl.load(BLK + b * stb + h * sth + pid_m * stm + (start_n // BLOCK_N) * stn)
+        if live != 0:
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
+                                      skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                                      HAS_BIAS, CAUSAL, PREC, MASK, BLOCK_N)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
+              skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    if True:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK:
             nmask = offs_n < LK
@@ -72,11 +90,11 @@ def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo
 
 
 @triton.jit
-def attention_fwd(Q, K, V, BIAS, O, LSE,
+def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                   sbb, sbh, sbm, sbn, sob, soh, som, sod,
                   H, GROUP, LQ, LK, D, qk_scale,
-                  HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -99,10 +117,10 @@ def attention_fwd(Q, K, V, BIAS, O, LSE,
     mid = _split(0, hi, first_masked)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, 0, mid,
                                skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                               HAS_BIAS, CAUSAL, PREC, False, BLOCK_N)
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, HAS_BLOCKS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
                                skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                               HAS_BIAS, CAUSAL, PREC, True, BLOCK_N)
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, HAS_BLOCKS, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
