@@ -205,7 +205,8 @@ def test_a_new_pair_kernel_plugs_into_fused_montecarlo_and_nystrom(causal):
         runs = [MC.montecarlo_transform(kernel, v, MC.MonteCarloOptions(samples=m, seed=s)) for s in range(6)]
         errs.append(sum(rel(o, ref) for o, _ in runs) / 6)
         ests.append(sum(e.rel for _, e in runs) / 6)
-    assert 1.5 <= errs[0] / errs[1] <= 2.7
+    ratio = errs[0] / errs[1]  # error at M over error at 4M: 2 for 1/sqrt(M)
+    assert ratio >= 1.5 and ratio <= 2.7
     assert 0.5 <= ests[1] / errs[1] <= 2.0
 
 
@@ -242,7 +243,8 @@ def test_attention_montecarlo_error_falls_like_inverse_sqrt_samples(mode, propos
         runs = [mc_attention(q, k, v, causal=causal, samples=m, mode=mode, proposal=proposal, seed=s) for s in range(8)]
         errs.append(sum(rel(o, ref) for o, _ in runs) / 8)
         ests.append(sum(e.rel for _, e in runs) / 8)
-    assert 1.5 <= errs[0] / errs[1] <= 2.7, errs
+    ratio = errs[0] / errs[1]  # error at M over error at 4M: 2 for 1/sqrt(M)
+    assert ratio >= 1.5 and ratio <= 2.7, errs
     for err, est in zip(errs, ests, strict=True):
         assert 0.5 <= est / err <= 2.0, (errs, ests)
 
@@ -262,7 +264,8 @@ def test_conv_montecarlo_error_falls_like_inverse_sqrt_samples(mode, proposal):
         ]
         errs.append(sum(rel(o, ref) for o, _ in runs) / 6)
         ests.append(sum(e.rel for _, e in runs) / 6)
-    assert 1.5 <= errs[0] / errs[1] <= 2.7, errs
+    ratio = errs[0] / errs[1]  # error at M over error at 4M: 2 for 1/sqrt(M)
+    assert ratio >= 1.5 and ratio <= 2.7, errs
     for err, est in zip(errs, ests, strict=True):
         assert 0.5 <= est / err <= 2.0, (errs, ests)
 
