@@ -11,7 +11,7 @@ from ...ir.families import StationaryAttrs
 from .registry import register
 
 
-def _conv_static(node: Node) -> dict[str, object]:
+def geometry(node: Node) -> dict[str, object]:
     a = node.attrs
     assert isinstance(a, StationaryAttrs)
     return {
@@ -112,9 +112,9 @@ def _convt_dense(x, weight, bias, stride, padding, dilation, groups, output_padd
 
 @register("stationary", "library")
 def _(node: Node):
-    return conv_library, _conv_static(node)
+    return conv_library, geometry(node)
 
 
 @register("stationary", "dense")
 def _(node: Node):
-    return conv_dense, _conv_static(node)
+    return conv_dense, geometry(node)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from ...errors import ItnetError
 from ...ir.core import Node
-from ...ir.families import StationaryAttrs
-from .conv import conv_dense
+from .conv import conv_dense, geometry
 from .registry import register
 
 
@@ -154,18 +153,7 @@ def conv_fused(
 def conv_static(node: Node) -> dict[str, object]:
     """The node's convolution geometry as keyword options (shared by every stationary lowering here); ``layer`` is
     the node's name (its module path, else its SSA name) under which errors are reported and factors cached."""
-    a = node.attrs
-    assert isinstance(a, StationaryAttrs)
-    return {
-        "stride": a.stride,
-        "padding": a.padding,
-        "dilation": a.dilation,
-        "groups": a.groups,
-        "transposed": a.transposed,
-        "output_padding": a.output_padding,
-        "padding_mode": a.padding_mode,
-        "layer": node.name,
-    }
+    return {**geometry(node), "layer": node.name}
 
 
 @register("stationary", "fused", options=("block",))

@@ -233,8 +233,11 @@ def _gru_direction(xs, h, w_ih, w_hh, b_ih, b_hh, reverse):
 
 
 def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, num_layers, bidirectional, batch_first,
-               bias):  # fmt: skip
-    """Layer by layer, direction by direction, a loop over time; the input projections of all steps are one matmul."""
+               bias, lstm_direction=None, gru_direction=None):  # fmt: skip
+    """Layer by layer, direction by direction, a loop over time; the input projections of all steps are one matmul.
+    Other backends pass their own per-direction scans (same signatures as ``_lstm_direction``/``_gru_direction``)."""
+    lstm_direction = lstm_direction or _lstm_direction
+    gru_direction = gru_direction or _gru_direction
     xs, h0, c0, unbatched = _batched(x, h0, c0)
     batch_first = batch_first and not unbatched
     xs = xs.transpose(0, 1) if batch_first else xs
@@ -255,10 +258,10 @@ def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, nu
             b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
             if cell == "lstm":
                 w_hr = w[-1] if proj_size else None
-                y, h, c = _lstm_direction(xs, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1)
+                y, h, c = lstm_direction(xs, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1)
                 cn.append(c)
             else:
-                y, h = _gru_direction(xs, h0[k], w_ih, w_hh, b_ih, b_hh, d == 1)
+                y, h = gru_direction(xs, h0[k], w_ih, w_hh, b_ih, b_hh, d == 1)
             outs.append(y)
             hn.append(h)
         xs = torch.cat(outs, -1) if dirs == 2 else outs[0]

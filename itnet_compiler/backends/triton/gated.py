@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from ..torch import recurrent as torch_recurrent
 from . import loader, templates
 
 
@@ -123,7 +124,8 @@ def _gru_direction(xs, h, w_ih, w_hh, b_ih, b_hh, reverse):
     return (y.flip(0) if reverse else y), ht
 
 
-def _direction(xs, h, c, w_ih, w_hh, b_ih, b_hh, reverse):
+def _direction(xs, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    assert w_hr is None, "projections are refused by supported()"
     if reverse:
         xs = xs.flip(0)
     xp = F.linear(xs, w_ih, b_ih)
@@ -141,36 +143,8 @@ def supported(x, weights, *rest, cell, proj_size, **_: object) -> str | None:
     return None
 
 
-def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, num_layers, bidirectional, batch_first,
-               bias, **_):  # fmt: skip
-    """Same contract as the torch ``gated`` lowerings (layouts in ir/recurrent.py)."""
-    unbatched = x.dim() == 2
-    xs = x.unsqueeze(1) if unbatched else x
-    if unbatched:
-        h0 = None if h0 is None else h0.unsqueeze(1)
-        c0 = None if c0 is None else c0.unsqueeze(1)
-    xs = xs.transpose(0, 1) if batch_first and not unbatched else xs
-    dirs = 2 if bidirectional else 1
-    batch = xs.shape[1]
-    h0 = xs.new_zeros(num_layers * dirs, batch, hidden_size) if h0 is None else h0
-    if cell == "lstm":
-        c0 = xs.new_zeros(num_layers * dirs, batch, hidden_size) if c0 is None else c0
-    per = 2 + 2 * bias
-    hn, cn = [], []
-    for layer in range(num_layers):
-        outs = []
-        for d in range(dirs):
-            k = layer * dirs + d
-            w = list(weights[k * per : (k + 1) * per])
-            b_ih, b_hh = (w[2], w[3]) if bias else (None, None)
-            if cell == "lstm":
-                y, h, c = _direction(xs, h0[k], c0[k], w[0], w[1], b_ih, b_hh, d == 1)
-                cn.append(c)
-            else:
-                y, h = _gru_direction(xs, h0[k], w[0], w[1], b_ih, b_hh, d == 1)
-            outs.append(y)
-            hn.append(h)
-        xs = torch.cat(outs, -1) if dirs == 2 else outs[0]
-    out = xs.transpose(0, 1) if batch_first and not unbatched else xs
-    result = (out, torch.stack(hn), torch.stack(cn)) if cell == "lstm" else (out, torch.stack(hn))
-    return tuple(t.squeeze(1) for t in result) if unbatched else result
+def gated_scan(x, weights, h0=None, c0=None, **static):
+    """Same contract as the torch ``gated`` lowerings (layouts in ir/recurrent.py): torch's layer/direction loop,
+    each direction's sequential part on the Triton scans."""
+    return torch_recurrent.gated_scan(x, weights, h0, c0, lstm_direction=_direction, gru_direction=_gru_direction,
+                                      **static)  # fmt: skip
