@@ -125,6 +125,7 @@ class _Attn:
     io: sympy.Expr  # bytes of q, k, v, mask and the output
     e: int
     causal: bool
+    keep: sympy.Expr  # the share of (i, j) pairs the support admits: 1, 1/2 (causal), min(L_k, r)/L_k (window(r))
 
 
 def _attn(node: Node) -> _Attn:
@@ -137,7 +138,9 @@ def _attn(node: Node) -> _Attn:
     if mask is not None:
         io += _bytes(mask)
     b, h, lq, d = q.shape
-    return _Attn(b * h, lq, k.shape[2], d, v.shape[3], io, _itemsize(q), a.support == "causal")
+    lk = k.shape[2]
+    keep = sympy.Min(lk, a.window) / lk if a.window else (sympy.Rational(1, 2) if a.causal else sympy.Integer(1))
+    return _Attn(b * h, lq, lk, d, v.shape[3], io, _itemsize(q), a.causal, keep)
 
 
 def _softmax_flops(s: _Attn) -> sympy.Expr:
@@ -155,7 +158,7 @@ def _(node, opts, tensors):
     s = _attn(node)
     if node.attrs.return_weights:
         return Cost(_softmax_flops(s), s.io + 4 * s.e * s.bh * s.lq * s.lk, sympy.Integer(0))
-    flops = _softmax_flops(s) / 2 if s.causal else _softmax_flops(s)
+    flops = _softmax_flops(s) * s.keep
     return Cost(flops, s.io, sympy.Integer(0))
 
 
@@ -165,7 +168,7 @@ def _(node, opts, tensors):
         return None
     s = _attn(node)
     block_q = int(opts.get("block_q", 256))
-    flops = _softmax_flops(s) / 2 if s.causal else _softmax_flops(s)
+    flops = _softmax_flops(s) * s.keep
     rereads = (s.lq / block_q + 1) * s.e * s.bh * s.lk * (s.d + s.dv)  # k and v once per query tile
     return Cost(flops, s.io + rereads, sympy.Integer(0))
 

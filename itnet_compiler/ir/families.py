@@ -9,13 +9,15 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
 - ``dot_exp``: ``q`` [B, H, L_q, D], ``k`` [B, H_kv, L_k, D], ``v`` [B, H_kv, L_k, D_v], optional ``mask``
   broadcastable to [B, H, L_q, L_k] (bool: keep where true; float: added to the logits). Output [B, H, L_q, D_v],
   and the normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is
-  aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``. A row that
+  aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``; ``window(r)``
+  support is the causal sliding window of r columns (i - r < j <= i, Mistral's and Gemma's local layers). A row that
   admits no column at all (fully masked) attends to nothing: its output is 0, as SDPA returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -211,6 +213,9 @@ class StationaryAttrs(FamilyAttrs):
         return ", ".join(parts)
 
 
+_WINDOW = re.compile(r"window\(([1-9][0-9]*)\)")
+
+
 @register_family
 @dataclass(frozen=True, kw_only=True)
 class DotExpAttrs(FamilyAttrs):
@@ -224,10 +229,21 @@ class DotExpAttrs(FamilyAttrs):
     return_weights: bool = False
     normalize: bool = True
 
+    @property
+    def causal(self) -> bool:
+        """Row i sees no column j > i (top-left aligned, as SDPA's is_causal): causal and window supports."""
+        return self.support != "full"
+
+    @property
+    def window(self) -> int:
+        """r of a ``window(r)`` support (row i sees the r columns i - r < j <= i, a sliding window); 0 otherwise."""
+        m = _WINDOW.fullmatch(self.support)
+        return int(m.group(1)) if m else 0
+
     def check(self, node: Node) -> None:
         super().check(node)
-        if self.support not in ("full", "causal"):
-            raise ValueError(f"support must be full or causal, not {self.support!r}")
+        if self.support not in ("full", "causal") and not self.window:
+            raise ValueError(f"support must be full, causal or window(r) with r >= 1, not {self.support!r}")
         if not self.normalize:
             raise ValueError("dot_exp is always normalised (softmax)")
         q, k, v = (role_type(node, r) for r in ("q", "k", "v"))
@@ -248,14 +264,18 @@ class DotExpAttrs(FamilyAttrs):
     def admits(self, lowering: str) -> str | None:
         if self.return_weights and lowering not in ("auto", "dense", "library"):
             return "the layer returns its attention weights, which only dense and library materialise"
+        if self.window and lowering in ("montecarlo", "lowrank"):
+            return f"{lowering} has no sliding-window support; use fused, dense or library"
         return None
 
     def flops(self, node: Node) -> sympy.Expr:
         q, v = role_type(node, "q"), role_type(node, "v")
         b, h, lq, d = q.shape
         lk, dv = v.shape[2], v.shape[3]
+        if self.window:
+            return 2 * b * h * lq * sympy.Min(lk, self.window) * (d + dv)
         full = 2 * b * h * lq * lk * (d + dv)
-        return full / 2 if self.support == "causal" else full
+        return full / 2 if self.causal else full
 
     def domain(self, node: Node) -> str:
         q, k = role_type(node, "q"), role_type(node, "k")
@@ -263,6 +283,8 @@ class DotExpAttrs(FamilyAttrs):
 
     def params(self) -> str:
         parts = [f"scale {self.scale:.4g}"]
+        if self.window:
+            parts.append(f"sliding window {self.window}")
         if self.kv_heads != self.heads:
             parts.append(f"GQA kv_heads {self.kv_heads}")
         if self.mask != "none":

@@ -13,6 +13,7 @@ from .. import config
 from ..ir.core import Program
 from ..ir.verify import verify
 from . import recognize_attention, recognize_conv
+from .fold_masks import fold_masks
 from .choose_lowering import ChooseOptions, choose_lowering
 from .cleanup import dce
 from .plan import apply_plan, resolve_auto
@@ -33,6 +34,7 @@ RECOGNISE: list[Step] = [
     ("dce", dce),
     ("recognise-convolution", _rules(recognize_conv.RULES)),
     ("recognise-attention", _rules(recognize_attention.RULES)),
+    ("fold-constant-masks", fold_masks),
     ("dce", dce),
 ]
 

@@ -4,6 +4,10 @@ Notation: i ∈ [0, LQ) output rows (tiles of BLOCK_M), j ∈ [0, LK) input colu
 dim (padded to BLOCK_D). Program (pid_m, b·H + h) owns rows offs_m of head h; K/V are read at head h // GROUP (GQA).
 s = log2 K(i, j); forward keeps the running max m_i and sum l_i of exp2(s - m_i) (online normalisation) and stores
 LSE_i = m_i + log2 l_i for the backward, which recomputes p = exp2(s - LSE) tile by tile (never N² memory).
+Supports: CAUSAL keeps j <= i; WINDOWED (with CAUSAL) also i - j < WINDOW, a sliding window. Each program visits
+only the tiles its support admits, and with HAS_BLOCKS skips those a mask rules out entirely (BLK[b, h, tm, tn] == 0,
+a table per tile size): forward, dQ and dK/dV alike. Only tiles cut by an edge, the diagonal or the window's lower
+edge are masked element by element.
 """
 import triton
 import triton.language as tl
@@ -12,9 +16,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
             HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-            TRANS: tl.constexpr = False):
+            WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
     """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal.
     TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as offs_m, the row
     offsets as offs_n, the bias strides and the lengths swapped; only the causal comparison flips here."""
@@ -31,6 +35,11 @@ def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_sc
                 valid = valid & (offs_n[None, :] >= offs_m[:, None])
             else:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        if WINDOWED:
+            if TRANS:
+                valid = valid & (offs_n[None, :] - offs_m[:, None] < WINDOW)
+            else:
+                valid = valid & (offs_m[:, None] - offs_n[None, :] < WINDOW)
         s = tl.where(valid, s, float("-inf"))
     return s
 
@@ -42,29 +51,41 @@ def _split(lo, hi, first_masked):
 
 
 @triton.jit
+def _live(BLK, b, h, tm, tn, stb, sth, stm, stn, HAS_BLOCKS: tl.constexpr):
+    """Whether tile (tm, tn) of (b, h) holds any pair the mask admits (always, without a table)."""
+    live = 1
+    if HAS_BLOCKS:
+        live = tl.load(BLK + b * stb + h * sth + tm * stm + tn * stn)
+    return live != 0
+
+
+@triton.jit
+def _window_lo(m0, WINDOW, BLOCK_N: tl.constexpr):
+    """First column tile a window(WINDOW) row tile starting at m0 reaches (rows i >= m0 see j > i - WINDOW)."""
+    return tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
-               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
                BLK, stb, sth, stm, stn, pid_m,
                HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               HAS_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
+               WINDOWED: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc.
     With HAS_BLOCKS, tiles the mask rules out entirely (BLK[b, h, pid_m, tile] == 0) are skipped: they add nothing."""
     for start_n in range(lo, hi, BLOCK_N):
-        live = 1
-        if HAS_BLOCKS:
-            live = tl.load(BLK + b * stb + h * sth + pid_m * stm + (start_n // BLOCK_N) * stn)
-        if live != 0:
+        if _live(BLK, b, h, pid_m, start_n // BLOCK_N, stb, sth, stm, stn, HAS_BLOCKS):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
                                       skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                      HAS_BIAS, CAUSAL, PREC, MASK, BLOCK_N)
+                                      WINDOW, HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED, BLOCK_N)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
-              skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+              skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
     if True:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK:
@@ -74,8 +95,8 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
         else:
             kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
-                    MASK)
+        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW, HAS_BIAS, CAUSAL,
+                    PREC, MASK, WINDOWED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -96,9 +117,9 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
 def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                   sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                  H, GROUP, LQ, LK, D, qk_scale,
+                  H, GROUP, LQ, LK, D, qk_scale, WINDOW,
                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -117,13 +138,25 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
     if CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
         first_masked = tl.minimum(first_masked, (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N)
-    mid = _split(0, hi, first_masked)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, 0, mid,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, HAS_BLOCKS, BLOCK_N)
+    lo = 0
+    free = 0
+    if WINDOWED:  # [lo, free): tiles cut by the window's lower edge; from free on every pair is inside the window
+        lo = _window_lo(pid_m * BLOCK_M, WINDOW, BLOCK_N)
+        free = (tl.maximum(pid_m * BLOCK_M + BLOCK_M - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        free = tl.maximum(tl.minimum(free, hi), lo)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, free,
+                                   skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
+                                   WINDOW, BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED,
+                                   HAS_BLOCKS, BLOCK_N)
+    mid = _split(free, hi, first_masked)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, free, mid,
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, WINDOWED, HAS_BLOCKS,
+                               BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, HAS_BLOCKS, BLOCK_N)
+                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED, HAS_BLOCKS,
+                               BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
@@ -134,12 +167,12 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
 
 
 @triton.jit
-def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
+def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sbb, sbh, sbm, sbn, sob, soh, som, sod, sgb, sgh, sgm, sgd,
-                     H, GROUP, LQ, LK, D, qk_scale, sm_scale,
-                     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,
+                     HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                     WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -156,33 +189,38 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ,
     lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=0.0)
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
     hi = LK
     if CAUSAL:
         hi = tl.minimum(LK, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        nmask = offs_n < LK
-        kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)
-        vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                     mask=nmask[None, :] & dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, HAS_BIAS, CAUSAL, PREC,
-                    True)
-        p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, vT, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
+    if WINDOWED:
+        lo = _window_lo(pid_m * BLOCK_M, WINDOW, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        if _live(BLK, b, h, pid_m, start_n // BLOCK_N, stb, sth, stm, stn, HAS_BLOCKS):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            nmask = offs_n < LK
+            kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+            vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                         mask=nmask[None, :] & dmask[:, None], other=0.0)
+            s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW, HAS_BIAS,
+                        CAUSAL, PREC, True, WINDOWED)
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, vT, input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
+def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm, stn,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        sbb, sbh, sbm, sbn, sob, soh, som, sod, sdb, sdh, sdn, sdd,
-                       H, GROUP, LQ, LK, D, qk_scale, sm_scale,
-                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,
+                       HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                       WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """dK, dV of one (q-head, column tile); GQA groups are summed by the caller."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -200,25 +238,29 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
+    hi = LQ
     if CAUSAL:
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M
+    if WINDOWED:  # rows i see column j while i - j < WINDOW
+        hi = tl.minimum(LQ, pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW)
     # Work on transposed tiles (rows j, columns i) so no [BLOCK_M, BLOCK_N] tile is ever transposed in registers.
-    for start_m in range(lo, LQ, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        rmask = offs_m < LQ
-        qT = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                     mask=rmask[None, :] & dmask[:, None], other=0.0)
-        do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
-        delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-        sT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, HAS_BIAS, CAUSAL,
-                     PREC, True, True)
-        pT = tl.exp2(sT - lse[None, :])
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
+    for start_m in range(lo, hi, BLOCK_M):
+        if _live(BLK, b, h, start_m // BLOCK_M, pid_n, stb, sth, stm, stn, HAS_BLOCKS):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            rmask = offs_m < LQ
+            qT = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                         mask=rmask[None, :] & dmask[:, None], other=0.0)
+            do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                         mask=rmask[:, None] & dmask[None, :], other=0.0)
+            lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
+            delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
+            sT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, WINDOW, HAS_BIAS,
+                         CAUSAL, PREC, True, WINDOWED, True)
+            pT = tl.exp2(sT - lse[None, :])
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
     base = b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd
     tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])

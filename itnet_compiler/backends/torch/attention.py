@@ -14,7 +14,18 @@ from .registry import register
 def _attn_static(node: Node) -> dict[str, object]:
     a = node.attrs
     assert isinstance(a, DotExpAttrs)
-    return {"scale": a.scale, "causal": a.support == "causal", "return_weights": a.return_weights}
+    static: dict[str, object] = {"scale": a.scale, "causal": a.causal, "return_weights": a.return_weights}
+    if a.window:
+        static["window"] = a.window
+    return static
+
+
+def support_keep(lq: int, lk: int, window: int, device: torch.device) -> torch.Tensor:
+    """[L_q, L_k] bool: the pairs a causal (window=0) or window(r) support admits (j <= i, and i - j < r)."""
+    rows = torch.arange(lq, device=device)[:, None]
+    cols = torch.arange(lk, device=device)[None, :]
+    keep = cols <= rows
+    return keep & (rows - cols < window) if window else keep
 
 
 def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -28,7 +39,7 @@ def _logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).expand(mask.shape)
 
 
-def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
+def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window=0):
     """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference."""
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -36,9 +47,7 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
     if bias is not None:
         s = s + bias
     if causal:
-        lq, lk = s.shape[-2:]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+        s = s.masked_fill(~support_keep(*s.shape[-2:], window, s.device), float("-inf"))
     empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None else None
     if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns (finite gradients)
         s = s.masked_fill(empty, 0.0)
@@ -49,17 +58,18 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights):
     return (out, p) if return_weights else out
 
 
-def attention_library(q, k, v, mask=None, *, scale, causal, return_weights):
-    if return_weights:
-        return attention_dense(q, k, v, mask, scale=scale, causal=causal, return_weights=True)
+def attention_library(q, k, v, mask=None, *, scale, causal, return_weights, window=0):
+    if return_weights or (causal and mask is not None):
+        return attention_dense(q, k, v, mask, scale=scale, causal=causal, return_weights=return_weights, window=window)
     gqa = k.shape[1] != q.shape[1]
-    if causal and mask is not None:
-        return attention_dense(q, k, v, mask, scale=scale, causal=True, return_weights=False)
+    if window:  # SDPA has no sliding window: its mask argument carries it (O(N²) bools, still one library call)
+        mask, causal = support_keep(q.shape[-2], k.shape[-2], window, q.device), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, block_q=256, block_k=512):
-    """Tiles of (i, j) with an online softmax (running max and sum): memory O(block_q · block_k), never O(N²)."""
+def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, window=0, block_q=256, block_k=512):
+    """Tiles of (i, j) with an online softmax (running max and sum): memory O(block_q · block_k), never O(N²).
+    Causal and window supports visit only the column tiles they admit."""
     if return_weights:
         raise ItnetError("the fused lowering cannot return attention weights; use dense or library for this layer")
     k, v = _expand_kv(q, k), _expand_kv(q, v)
@@ -73,15 +83,17 @@ def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, block_
         l_run = torch.zeros_like(m_run)
         acc = torch.zeros(*qi.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         j_end = min(lk, i1) if causal else lk
-        for j0 in range(0, j_end, block_k):
+        j_start = max(0, i0 - window + 1) if window else 0
+        for j0 in range(j_start, j_end, block_k):
             j1 = min(j0 + block_k, j_end)
             s = torch.matmul(qi, k[..., j0:j1, :].transpose(-2, -1))
             if bias is not None:
                 s = s + _block(bias, i0, i1, j0, j1, lq, lk)
-            if causal and j1 > i0:
+            if causal and (j1 > i0 or (window and i1 - 1 - j0 >= window)):
                 rows = torch.arange(i0, i1, device=q.device)[:, None]
                 cols = torch.arange(j0, j1, device=q.device)[None, :]
-                s = s.masked_fill(cols > rows, float("-inf"))
+                dead = (cols > rows) | (rows - cols >= window) if window else cols > rows
+                s = s.masked_fill(dead, float("-inf"))
             m_new = torch.maximum(m_run, s.amax(dim=-1))
             # rows that have seen only -inf so far keep a finite reference point
             m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)

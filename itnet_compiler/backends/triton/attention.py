@@ -1,9 +1,10 @@
 """Triton lowering of ``dot_exp``: fused forward and backward kernels rendered from ``templates.ATTENTION``.
 
 Masks become an additive bias read through broadcast strides (a bool mask turns into 0 / -inf); GQA reads K/V at
-head h // group and sums dK, dV over each group; causal support shortens the column loop (whole tiles above the
-diagonal are skipped). Head dims up to 256 are padded to a power of two. Tuning values are the constexpr fields of
-``AttentionOptions``.
+head h // group and sums dK, dV over each group; causal and window(r) supports shorten the loops (whole tiles above
+the diagonal or below the window are never visited), and ``live_tiles`` tables let every kernel, forward and
+backward, skip tiles a mask rules out entirely. Head dims up to 256 are padded to a power of two. Tuning values are
+the constexpr fields of ``AttentionOptions``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,12 @@ def shrinking(fn):
     return run
 
 
-def forward(q, k, v, mask, scale: float, causal: bool, opts: AttentionOptions):
+def _table(blocks: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The block table and its strides as kernel arguments (a dummy the kernel never reads when there is none)."""
+    return (blocks, tuple(blocks.stride())) if blocks is not None else (like, (0, 0, 0, 0))
+
+
+def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: AttentionOptions):
     b, h, lq, d = q.shape
     lk = k.shape[2]
     group = h // k.shape[1]
@@ -135,18 +141,18 @@ def forward(q, k, v, mask, scale: float, causal: bool, opts: AttentionOptions):
     mod = kernels()
     grid = (triton.cdiv(lq, opts.block_m), b * h)
     blocks = live_tiles(mask, (b, h, lq, lk), opts.block_m, opts.block_n)
-    blk, bst = (blocks, tuple(blocks.stride())) if blocks is not None else (lse, (0, 0, 0, 0))
+    blk, bst = _table(blocks, lse)
     mod.attention_fwd[grid](
         q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
-        h, group, lq, lk, d, scale * LOG2E,
+        h, group, lq, lk, d, scale * LOG2E, window,
         HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
-        BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        WINDOWED=window > 0, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=opts.num_warps, num_stages=opts.num_stages,
     )  # fmt: skip
     return o, lse, bias, bs
 
 
-def backward(do, q, k, v, o, lse, bias, bs, has_bias: bool, scale: float, causal: bool, opts: AttentionOptions):
+def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, window: int, opts: AttentionOptions):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = h // hkv
@@ -156,17 +162,19 @@ def backward(do, q, k, v, o, lse, bias, bs, has_bias: bool, scale: float, causal
     dk = torch.empty(b, h, lk, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, h, lk, d, dtype=v.dtype, device=v.device)
     mod = kernels()
-    common = dict(HAS_BIAS=has_bias, CAUSAL=causal, PREC=_prec(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)),
-                  num_warps=opts.bwd_num_warps, num_stages=opts.bwd_num_stages)  # fmt: skip
+    blocks = live_tiles(mask, (b, h, lq, lk), opts.bwd_block_m, opts.bwd_block_n)
+    blk, bst = _table(blocks, lse)
+    common = dict(HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
+                  WINDOWED=window > 0, BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n,
+                  BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=opts.bwd_num_warps,
+                  num_stages=opts.bwd_num_stages)  # fmt: skip
     mod.attention_bwd_dq[(triton.cdiv(lq, opts.bwd_block_m), b * h)](
-        q, k, v, bias, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(), *dq.stride(),
-        h, group, lq, lk, d, scale * LOG2E, scale,
-        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, **common,
+        q, k, v, bias, do, lse, delta, dq, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
+        *dq.stride(), h, group, lq, lk, d, scale * LOG2E, scale, window, **common,
     )  # fmt: skip
     mod.attention_bwd_dkdv[(triton.cdiv(lk, opts.bwd_block_n), b * h)](
-        q, k, v, bias, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
-        *dk.stride(), h, group, lq, lk, d, scale * LOG2E, scale,
-        BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n, **common,
+        q, k, v, bias, do, lse, delta, dk, dv, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
+        *dk.stride(), h, group, lq, lk, d, scale * LOG2E, scale, window, **common,
     )  # fmt: skip
     if group > 1:
         dk = dk.view(b, hkv, group, lk, d).sum(2)
@@ -176,20 +184,22 @@ def backward(do, q, k, v, o, lse, bias, bs, has_bias: bool, scale: float, causal
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, opts):
-        (o, lse, bias, bs), opts = shrinking(lambda op: forward(q, k, v, mask, scale, causal, op))(opts)
-        ctx.save_for_backward(q, k, v, o, lse, bias)
-        ctx.meta = (bs, mask is not None, scale, causal, opts)
+    def forward(ctx, q, k, v, mask, scale, causal, window, opts):
+        (o, lse, bias, bs), opts = shrinking(lambda op: forward(q, k, v, mask, scale, causal, window, op))(opts)
+        ctx.save_for_backward(q, k, v, o, lse, mask, bias)
+        ctx.meta = (bs, scale, causal, window, opts)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, bias = ctx.saved_tensors
-        bs, has_bias, scale, causal, opts = ctx.meta
-        (dq, dk, dv), _ = shrinking(lambda op: backward(do, q, k, v, o, lse, bias, bs, has_bias, scale, causal, op))(
-            opts
-        )
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, mask, bias = ctx.saved_tensors
+        bs, scale, causal, window, opts = ctx.meta
+
+        def run(op):
+            return backward(do, q, k, v, o, lse, mask, bias, bs, scale, causal, window, op)
+
+        (dq, dk, dv), _ = shrinking(run)(opts)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
@@ -205,10 +215,10 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return None
 
 
-def fused_attention(q, k, v, mask=None, *, scale, causal, return_weights=False, **overrides):
+def fused_attention(q, k, v, mask=None, *, scale, causal, return_weights=False, window=0, **overrides):
     """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings."""
     opts = AttentionOptions.default(q.shape[-1], q.device, q.dtype).with_overrides(**overrides)
-    return _FusedAttention.apply(q, k, v, mask, scale, causal, opts)
+    return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts)
 
 
 def flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool) -> float:

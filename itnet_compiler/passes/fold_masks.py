@@ -1,0 +1,131 @@
+"""Constant attention masks become supports. Valid IR in, valid IR out.
+
+Expects recognised ``dot_exp`` transforms. A mask computed from constants alone (aranges, comparisons, the position
+logic of transformers' mask builders) at static sizes is evaluated once, here. When what it admits, together with
+the layer's own support, is exactly everything, the causal triangle, or a causal sliding window of r columns, and
+the same for every batch entry and head, the mask input is dropped and the support says so (``full``, ``causal`` or
+``window(r)``). Kernels then skip what the support rules out without reading a mask, and the cost model counts the
+real work. Everything else is left as it is: masks that read program inputs or parameters (padding masks), symbolic
+sizes, ops with random or uninitialised results, other patterns, and masks too large to evaluate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ir.core import Node, Program, Value, tensor_type
+from ..ir.families import DotExpAttrs
+from ..ir.ops import resolve_op
+from ..ir.types import TensorType
+
+# Ops whose result is not a function of their inputs.
+_NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial", "exponential")
+_MAX_PAIRS = 1 << 26  # larger constant masks stay masks: evaluating them costs more than it saves at compile time
+_DROPPED = -1e30  # additive entries at or below this admit nothing (HF writes finfo.min, SDPA users -inf)
+
+
+def fold_masks(prog: Program) -> Program:
+    producers = prog.producers()
+    weights = {id(w.value): w for w in prog.weights}
+    values: dict[int, torch.Tensor | None] = {}  # one evaluation per mask, however many layers share it
+    for node in prog.transforms:
+        attrs = node.attrs
+        mask = node.kwargs.get("mask")
+        if not isinstance(attrs, DotExpAttrs) or not isinstance(mask, Value):
+            continue
+        if id(mask) not in values:
+            values[id(mask)] = _evaluate(prog, mask, producers, weights)
+        value = values[id(mask)]
+        support = _support(node, attrs, value) if value is not None else None
+        if support is None:
+            continue
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "mask"}
+        node.attrs = attrs.replace(mask="none", support=support)
+    return prog
+
+
+def _static(v: Value) -> bool:
+    t = v.type
+    return isinstance(t, TensorType) and all(getattr(d, "is_Integer", False) or isinstance(d, int) for d in t.shape)
+
+
+def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights: dict) -> torch.Tensor | None:
+    """The value of ``target`` if it depends on constants only, at static sizes; else None."""
+    needed: list[Node] = []
+    seen: set[int] = set()
+    stack = [target]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in weights:
+            if weights[id(v)].kind == "param" or weights[id(v)].key not in prog.tensors:
+                return None
+            continue
+        node = producers.get(id(v))
+        if node is None or node.is_transform or not _static(v):
+            return None  # a program input, a transform's result, or a symbolic size
+        if any(tag in node.op for tag in _NONDETERMINISTIC):
+            return None
+        needed.append(node)
+        stack.extend(node.input_values())
+    if _pairs(target) > _MAX_PAIRS:
+        return None
+    order = {id(n): i for i, n in enumerate(prog.nodes)}
+    env: dict[int, object] = {id(w.value): prog.tensors[w.key] for w in prog.weights if id(w.value) in seen}
+
+    def arg(a: object) -> object:
+        if isinstance(a, Value):
+            return env[id(a)]
+        if isinstance(a, list):
+            return [arg(x) for x in a]
+        if isinstance(a, torch.device):
+            return torch.device("cpu")
+        return a
+
+    try:
+        for node in sorted(set(needed), key=lambda n: order[id(n)]):
+            out = resolve_op(node.op)(*[arg(a) for a in node.args], **{k: arg(a) for k, a in node.kwargs.items()})
+            outs = [out] if len(node.outputs) == 1 else list(out)  # type: ignore[arg-type]
+            for v, o in zip(node.outputs, outs, strict=True):
+                env[id(v)] = o
+    except (RuntimeError, ValueError, TypeError):
+        return None  # an op that does not run eagerly on constants: leave the mask alone
+    result = env[id(target)]
+    return result if isinstance(result, torch.Tensor) else None
+
+
+def _pairs(v: Value) -> int:
+    n = 1
+    for d in tensor_type(v).shape:
+        n *= int(d)
+    return n
+
+
+def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor) -> str | None:
+    """The support equal to (mask and the layer's support), if it is full, causal or a window; else None."""
+    lq, lk = (int(d) for d in tensor_type(node.kwargs["q"]).shape[2:3] + tensor_type(node.kwargs["k"]).shape[2:3])
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point() and bool(((mask == 0) | (mask <= _DROPPED)).all()):
+        keep = mask == 0
+    else:
+        return None
+    keep = keep.expand(*keep.shape[:-2], lq, lk).reshape(-1, lq, lk)
+    if not bool((keep == keep[:1]).all()):
+        return None  # differs between batch entries or heads
+    keep = keep[0]
+    rows = torch.arange(lq)[:, None]
+    cols = torch.arange(lk)[None, :]
+    causal = cols <= rows
+    if attrs.causal:
+        keep = keep & causal & ((rows - cols < attrs.window) if attrs.window else True)
+    if bool(keep.all()):
+        return "full"
+    if torch.equal(keep, causal):
+        return "causal"
+    if not bool(keep.any(-1).all()):
+        return None
+    r = int((rows - cols + 1).expand(lq, lk)[keep].max())
+    return f"window({r})" if torch.equal(keep, causal & (rows - cols < r)) else None
