@@ -69,9 +69,7 @@ def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
     return mask, tuple(mask.stride())
 
 
-def live_tiles(
-    mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int
-) -> torch.Tensor | None:
+def live_tiles(mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int) -> torch.Tensor | None:
     """Block sparsity: int8 [B|1, H|1, tiles_m, tiles_n] (broadcast through zero strides), 0 where the mask rules out
     every pair of a (row tile, column tile); None when no tile can be skipped (the kernel then reads no table)."""
     if mask is None:
