@@ -5,12 +5,17 @@ then timings (triton.testing.do_bench, median) of
 - fused dot_exp forward and forward+backward vs SDPA (cuDNN, flash) and FlexAttention, d128 N4096 bf16;
 - depthwise causal conv1d (k4) vs cuDNN and vs the copy bandwidth of the same card;
 - the implicit-GEMM convolution vs cuDNN (dense 3x3, bf16);
-- the ssm selective scan (Mamba layout) vs a torch loop and vs the copy bandwidth.
-Writes JSON to bench/results/gpu-<card>.json (or $OUT). Usage: PYTHONPATH=. python bench/gpu.py [--quick]
+- the ssm selective scan (Mamba layout) vs a torch loop and vs the copy bandwidth;
+- sliding-window and document-masked attention (block sparsity, forward and backward) vs FlexAttention's block masks;
+- the parts in bench/gpu_<part>.py (gated LSTM/GRU vs cuDNN, the SSD chunked scan, the montecarlo and lowrank
+  kernels), each a ``check(g)`` and a ``speed(g)`` that receive this module.
+Writes JSON to bench/results/gpu-<card>.json (or $OUT).
+Usage: PYTHONPATH=. python bench/gpu.py [--quick] [--only name,name] (section names or substrings of them).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -32,6 +37,7 @@ from itnet_compiler.backends.triton import conv as C  # noqa: E402
 from itnet_compiler.backends.triton import ssm as S  # noqa: E402
 
 QUICK = "--quick" in sys.argv
+ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 dev = "cuda"
 ROWS: list[dict] = []
 CHECKS: list[dict] = []
@@ -65,6 +71,8 @@ def row(name, ms, flops=None, bytes_=None, **extra):
 
 
 def section(f):
+    if ONLY is not None and not any(part in f.__name__ for part in ONLY):
+        return f
     t = time.time()
     try:
         f()
@@ -82,8 +90,12 @@ def rel(a, b):
 @section
 def check_attention():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for b, h, hkv, n, d, causal, mask in ((2, 4, 2, 200, 64, True, None), (1, 8, 8, 333, 128, False, "bool"),
-                                              (2, 2, 2, 128, 256, False, "add"), (1, 4, 1, 77, 16, True, None)):
+        for b, h, hkv, n, d, causal, mask in (
+            (2, 4, 2, 200, 64, True, None),
+            (1, 8, 8, 333, 128, False, "bool"),
+            (2, 2, 2, 128, 256, False, "add"),
+            (1, 4, 1, 77, 16, True, None),
+        ):
             q = torch.randn(b, h, n, d, device=dev, dtype=dtype, requires_grad=True)
             k = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, requires_grad=True)
             v = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, requires_grad=True)
@@ -142,8 +154,15 @@ def attn_flops(b, h, n, d, causal, bwd):
     return f * (3.5 if bwd else 1.0)
 
 
-CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 4, 3),
-           (64, 128, 4, 3)]
+CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (64, 64, 4, 3),
+    (128, 64, 8, 4),
+    (128, 128, 8, 2),
+    (128, 32, 4, 3),
+    (64, 128, 4, 3),
+]
 BWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 8, 2)]
 
 
@@ -251,9 +270,15 @@ def check_gemm_conv_and_ssm():
             print(c, flush=True)
     for P, N, G in ((1, 16, 1), (16, 32, 2)):
         bsz, L, H = 2, 300, 8
-        ins = [torch.randn(bsz, L, H, P, device=dev), torch.randn(bsz, L, H, device=dev) * 0.5,
-               -torch.rand(H, N, device=dev), torch.randn(bsz, L, G, N, device=dev),
-               torch.randn(bsz, L, G, N, device=dev), torch.randn(H, device=dev), torch.randn(H, device=dev) * 0.1]
+        ins = [
+            torch.randn(bsz, L, H, P, device=dev),
+            torch.randn(bsz, L, H, device=dev) * 0.5,
+            -torch.rand(H, N, device=dev),
+            torch.randn(bsz, L, G, N, device=dev),
+            torch.randn(bsz, L, G, N, device=dev),
+            torch.randn(H, device=dev),
+            torch.randn(H, device=dev) * 0.1,
+        ]
         kw = dict(dt_softplus=True, dt_min=0.0, dt_max=float("inf"), return_state=False)
         leaves = [t.clone().requires_grad_() for t in ins]
         y = S.ssm_scan(*leaves, **kw)
@@ -385,6 +410,52 @@ def end_to_end_models():
     spec.loader.exec_module(cnn)
     model, args = cnn.make_model()
     compare("example CNN fp32", model, args)
+
+
+def block_sparse_attention_speed():
+    """Sliding window (d128 N8192 r1024) and document masking (8 documents, fwd and fwd+bwd) vs FlexAttention."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    fa = torch.compile(flex_attention)
+    d, n, b, h, r = 128, 8192, 2, 16, 1024
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    work = 4 * b * h * n * r * d  # admitted pairs only: the useful FLOPs
+    for tag, ours, flex_mask in (
+        ("window r1024", dict(causal=True, window=r, mask=None),
+         create_block_mask(lambda b_, h_, i, j: (i >= j) & (i - j < r), None, None, n, n)),
+        ("documents 8x1024", dict(causal=False, window=0,
+                                  mask=(torch.arange(n, device=dev) // 1024)[:, None]
+                                  == (torch.arange(n, device=dev) // 1024)[None, :]),
+         create_block_mask(lambda b_, h_, i, j: i // 1024 == j // 1024, None, None, n, n)),
+    ):  # fmt: skip
+        mask = ours.pop("mask")
+        f_ours = lambda: A.fused_attention(q, k, v, mask, scale=d**-0.5, **ours)  # noqa: E731
+        f_flex = lambda: fa(q, k, v, block_mask=flex_mask)  # noqa: E731
+        # correctness first, on one batch entry and two heads (the dense reference is O(N²) memory)
+        small = [t.detach()[:1, :2].float() for t in (q, k, v)]
+        got = A.fused_attention(*(t.bfloat16() for t in small), mask, scale=d**-0.5, **ours)
+        ref = attention_dense(*small, mask, scale=d**-0.5, return_weights=False, **ours)
+        err = rel(got, ref)
+        CHECKS.append({"kernel": f"dot_exp {tag}", "dtype": "bf16", "max_rel_err": err, "ok": err < 3e-2})
+        g = torch.randn_like(f_flex())
+        for name, f in (("itnet", f_ours), ("flex", f_flex)):
+            row(f"{name} fwd {tag} d{d} N{n} B{b}H{h}", bench(f), work)
+            row(f"{name} fwd+bwd {tag} d{d} N{n} B{b}H{h}", bench(lambda f=f: f().backward(g)), work * 3.5)
+
+
+section(block_sparse_attention_speed)
+G = sys.modules[__name__]
+for part in ("gated", "ssd", "montecarlo", "lowrank"):
+    path = Path(__file__).parent / f"gpu_{part}.py"
+    if not path.exists():
+        continue
+    spec = importlib.util.spec_from_file_location(f"gpu_{part}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for kind in ("check", "speed"):
+        run_part = (lambda fn: lambda: fn(G))(getattr(mod, kind))
+        run_part.__name__ = f"{part}_{kind}"
+        section(run_part)
 
 
 print("\nTABLE")
