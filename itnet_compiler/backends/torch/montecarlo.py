@@ -176,36 +176,47 @@ def shared_distribution(prop: Proposal, kernel: PairKernel, batch: tuple[int, ..
     return w / w.sum(-1, keepdim=True)
 
 
-def montecarlo_transform(
-    kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions
-) -> tuple[torch.Tensor, ErrorEstimate]:
-    """The estimate of y and its self-estimated error (see the module docstring for the estimators)."""
+def draw(kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions):
+    """The sampling step, block of rows by block of rows: yields (i0, i1, idx, logq) for rows [i0, i1) with
+    ``per_row`` idx, logq [*b, I, M]; ``shared`` idx [*b, M] and logq [*b, 1, M], the same for every block. logq is
+    in v's dtype and keeps its autograd graph (a data-dependent proposal depends on k and v). Blocks must be taken in
+    order: the generator is consumed as they are drawn."""
     batch = tuple(v.shape[:-2])
     gen = torch.Generator(device=v.device).manual_seed(int(opts.seed))
     prop = build_proposal(kernel, v, opts)
     m, lq = opts.samples, kernel.rows
     block = opts.block or max(1, min(lq, 2**24 // max(1, math.prod(batch) * m * v.shape[-1])))
-    out = v.new_empty(*batch, lq, v.shape[-1])
-    var_sum = torch.zeros((), dtype=torch.float64, device=v.device)
-    fallback = 0
     if opts.mode == "shared":
         dist = shared_distribution(prop, kernel, batch, v.device)
         idx = torch.multinomial(dist.reshape(-1, kernel.cols), m, replacement=True, generator=gen)
         idx = idx.reshape(*batch, m)
         logq = torch.gather(dist, -1, idx).log().to(v.dtype)[..., None, :]
-        vv = gather_rows(v, idx)  # [*b, M, Dv]
-    else:
-        sampler = PerRowSampler(prop, kernel, gen, batch)
+        for i0 in range(0, lq, block):
+            yield i0, min(i0 + block, lq), idx, logq
+        return
+    sampler = PerRowSampler(prop, kernel, gen, batch)
     for i0 in range(0, lq, block):
         i1 = min(i0 + block, lq)
+        idx_rows, logq_rows = sampler.sample(i0, i1, m)
+        yield i0, i1, idx_rows.expand(*batch, i1 - i0, m), logq_rows.to(v.dtype).expand(*batch, i1 - i0, m)
+
+
+def montecarlo_transform(
+    kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions
+) -> tuple[torch.Tensor, ErrorEstimate]:
+    """The estimate of y and its self-estimated error (see the module docstring for the estimators)."""
+    batch = tuple(v.shape[:-2])
+    m, lq = opts.samples, kernel.rows
+    out = v.new_empty(*batch, lq, v.shape[-1])
+    var_sum = torch.zeros((), dtype=torch.float64, device=v.device)
+    fallback = 0
+    vv = None
+    for i0, i1, idx, logq in draw(kernel, v, opts):
+        vals = kernel.at(slice(i0, i1), idx)
         if opts.mode == "per_row":
-            idx_rows, logq_rows = sampler.sample(i0, i1, m)
-            idx_rows = idx_rows.expand(*batch, i1 - i0, m)
-            logq_rows = logq_rows.to(v.dtype).expand(*batch, i1 - i0, m)
-            vals = kernel.at(slice(i0, i1), idx_rows)
-            y, var, bad = _estimate(kernel, vals, logq_rows, gather_rows(v, idx_rows), None, m)
+            y, var, bad = _estimate(kernel, vals, logq, gather_rows(v, idx), None, m)
         else:
-            vals = kernel.at(slice(i0, i1), idx)
+            vv = gather_rows(v, idx) if vv is None else vv  # [*b, M, Dv], gathered once
             valid = None
             if kernel.causal:
                 valid = idx[..., None, :] <= torch.arange(i0, i1, device=v.device)[:, None]
@@ -216,8 +227,13 @@ def montecarlo_transform(
             var = var.masked_fill(bad, 0.0)
         out[..., i0:i1, :] = y
         var_sum += var.double().sum()
+    return out, estimate_error(var_sum, out, m, fallback)
+
+
+def estimate_error(var_sum: torch.Tensor, out: torch.Tensor, samples: int, fallback: int) -> ErrorEstimate:
+    """The ``ErrorEstimate`` of an output from its summed per-row variances."""
     err = math.sqrt(float(var_sum))
-    return out, ErrorEstimate(abs=err, rel=relative(err, out), samples=m, fallback_rows=fallback)
+    return ErrorEstimate(abs=err, rel=relative(err, out), samples=samples, fallback_rows=fallback)
 
 
 def relative(err: float, estimate: torch.Tensor) -> float:

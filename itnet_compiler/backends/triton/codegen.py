@@ -8,6 +8,7 @@ takes, or when the kernel fails to compile or launch. Never a wrong answer: the 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -16,7 +17,7 @@ import torch
 from ...ir.core import Node, Program
 from ...ir.families import parse_lowering
 from ..torch.codegen import ItnetModule, generate
-from ..torch.registry import LOWERINGS, implementation
+from ..torch.registry import LOWERINGS, OPTIONS, implementation
 from . import attention, conv, gated, ssm
 
 Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
@@ -70,6 +71,50 @@ def _(node: Node):
     return gated.gated_scan, check, set()
 
 
+@register("ssm", "chunked")
+def _(node: Node):
+    from . import ssd
+
+    def check(x, dt, A, B, C, *rest, **_: object) -> str | None:
+        return ssd.supported(x, dt, A, B, C)
+
+    return ssd.ssd_chunked, check, {"chunk", "budget"}
+
+
+@register("dot_exp", "montecarlo")
+def _(node: Node):
+    from ..torch.montecarlo import OPTIONS as MC_OPTIONS
+    from ..torch.montecarlo import MonteCarloOptions
+    from . import montecarlo
+
+    MonteCarloOptions.make(node.name, **{k: v for k, v in parse_lowering(node.attrs.lowering)[1].items()
+                                         if k in MC_OPTIONS})  # fmt: skip
+
+    def check(q, k, v, mask=None, **_: object) -> str | None:
+        if node.attrs.return_weights:
+            return "the layer returns its attention weights"
+        return montecarlo.supported(q, k, v, mask)
+
+    # The sampling options are semantic: they reach the kernel through ``opts`` and the torch fallback through the
+    # ``ref_opts`` that resolve binds (the options the torch lowering declares); the tile sizes only the kernel.
+    return montecarlo.montecarlo_attention, check, set(MC_OPTIONS) | montecarlo.TILE_OPTIONS
+
+
+@register("dot_exp", "lowrank")
+def _(node: Node):
+    from ..torch.lowrank import LowRankOptions
+    from . import lowrank
+
+    rank = parse_lowering(node.attrs.lowering)[1].get("rank", LowRankOptions.rank)
+
+    def check(q, k, v, mask=None, **static: object) -> str | None:
+        return lowrank.supported(q, k, v, mask, rank=int(rank), **static)
+
+    # method, rank, seed, chunk, local, ... are semantic: they reach the kernel through ``opts`` and the torch
+    # fallback through the ``ref_opts`` that resolve binds; the tile sizes (block_m, ...) only the kernel.
+    return lowrank.attention_lowrank, check, set(lowrank.OPTIONS)
+
+
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:
     """The torch implementation of the same lowering (options dropped), or the exact ``library`` one if torch has
     none: what a layer runs when its kernel cannot."""
@@ -95,6 +140,9 @@ class TritonBuild:
     def resolve(self, node: Node) -> tuple[Callable[..., object], dict[str, object]]:
         name, opts = parse_lowering(node.attrs.lowering)
         ref, static = _torch_impl(node)
+        # The fallback keeps the spec's options that the torch lowering takes too (chunked:chunk=32).
+        ref_opts = {k: v for k, v in opts.items() if k in OPTIONS.get((node.family, name), set())}
+        ref = functools.partial(ref, **ref_opts) if ref_opts else ref
         entry = KERNELS.get((node.family, name))
         if entry is None:
             if name not in TORCH_BY_DESIGN:

@@ -9,6 +9,7 @@ Loads, the online normalisation, the epilogue and the stores are the template's.
 
 from .attention import ATTENTION, DOT_EXP_KERNEL
 from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN
+from .ssd import SSD, SSD_KERNEL
 from .ssm import SSM_KERNEL, SSM_SCAN
 from .stationary import DEPTHWISE, IMPLICIT_GEMM, STATIONARY_DEPTHWISE_KERNEL, STATIONARY_GEMM_KERNEL
 
@@ -21,6 +22,8 @@ __all__ = [
     "IMPLICIT_GEMM",
     "LSTM_KERNEL",
     "LSTM_SCAN",
+    "SSD",
+    "SSD_KERNEL",
     "SSM_KERNEL",
     "SSM_SCAN",
     "STATIONARY_DEPTHWISE_KERNEL",
