@@ -445,7 +445,7 @@ def block_sparse_attention_speed():
 
 section(block_sparse_attention_speed)
 G = sys.modules[__name__]
-for part in ("gated", "ssd", "montecarlo", "lowrank"):
+for part in ("gated", "ssd", "montecarlo", "lowrank", "conv_approx", "conv3d"):
     path = Path(__file__).parent / f"gpu_{part}.py"
     if not path.exists():
         continue

@@ -22,8 +22,9 @@ from . import attention, conv, gated, ssm
 
 Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
 KERNELS: dict[tuple[str, str], Entry] = {}
-# Lowerings that are meant to run on the vendor library or the reference: not a fallback when chosen.
-TORCH_BY_DESIGN = {"library", "dense"}
+# Lowerings that are meant to run on the vendor library or the reference: not a fallback when chosen. ``fft`` is
+# cuFFT's work (the pointwise product between the transforms is all a generated kernel could add).
+TORCH_BY_DESIGN = {"library", "dense", "fft"}
 
 
 def register(family: str, lowering: str):
@@ -113,6 +114,39 @@ def _(node: Node):
     # method, rank, seed, chunk, local, ... are semantic: they reach the kernel through ``opts`` and the torch
     # fallback through the ``ref_opts`` that resolve binds; the tile sizes (block_m, ...) only the kernel.
     return lowrank.attention_lowrank, check, set(lowrank.OPTIONS)
+
+
+@register("stationary", "lowrank")
+def _(node: Node):
+    from ..torch.lowrank_conv import ConvLowRankOptions
+    from . import conv_approx
+
+    ConvLowRankOptions.make(node.name, **{k: v for k, v in parse_lowering(node.attrs.lowering)[1].items()
+                                          if k not in conv_approx.CONV_TILES})  # fmt: skip
+
+    def check(x, weight, bias=None, **static: object) -> str | None:
+        return conv_approx.lowrank_supported(x, weight, **static)
+
+    # method, rank, iters, seed, calib are semantic (the factorisation, done by the torch lowering's own code): they
+    # reach the kernel through ``opts`` and the torch fallback through ``ref_opts``; the conv tiles only the kernel.
+    return conv_approx.conv_lowrank, check, conv_approx.LOWRANK_OPTIONS
+
+
+@register("stationary", "montecarlo")
+def _(node: Node):
+    from ..torch.montecarlo import OPTIONS as MC_OPTIONS
+    from ..torch.montecarlo import MonteCarloOptions
+    from . import conv_approx
+
+    spec = parse_lowering(node.attrs.lowering)[1]
+    MonteCarloOptions.make(node.name, **{k: v for k, v in spec.items() if k in MC_OPTIONS})
+    mode = spec.get("mode", MonteCarloOptions.mode)
+
+    def check(x, weight, bias=None, **static: object) -> str | None:
+        return conv_approx.montecarlo_supported(x, weight, **{**static, "mode": mode})
+
+    # The sampling options are semantic (same draw as the torch lowering, same seed); the tiles only the kernel.
+    return conv_approx.conv_montecarlo, check, conv_approx.MONTECARLO_OPTIONS
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:

@@ -126,6 +126,12 @@ def supported(x, dt, A, B, C, *rest, **_: object) -> str | None:
         return "complex state (S4D complex form) has no Triton kernel"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {x.dtype}"
+    bsz, L, H, P = x.shape
+    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                               for t in (x, dt, A, B, C, *rest))  # fmt: skip
+    if training and bsz * H * L * P * B.shape[-1] >= 2**31:
+        return ("the states the backward keeps (B·H·L·P·N) pass 2³¹ elements, beyond the kernel's 32-bit offsets; "
+                "use the chunked lowering")  # fmt: skip
     return None
 
 
