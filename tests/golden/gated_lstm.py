@@ -32,9 +32,12 @@ def _tanh(x):
 @triton.jit
 def _tile(W, ld, rows, cols, rmask, cmask, TRANSPOSED: tl.constexpr):
     """W[rows, cols] (row stride ld) as [rows, cols], or as [cols, rows] when TRANSPOSED; zero outside the masks."""
+    # one return: the compiler checks every return statement's type, constexpr branches included
     if TRANSPOSED:
-        return tl.load(W + rows[None, :] * ld + cols[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0)
-    return tl.load(W + rows[:, None] * ld + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        tile = tl.load(W + rows[None, :] * ld + cols[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0)
+    else:
+        tile = tl.load(W + rows[:, None] * ld + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
