@@ -25,9 +25,13 @@ def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_sc
     s = tl.dot(q, kT, input_precision=PREC) * qk_scale
     if HAS_BIAS:
         bmask = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
-        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=bmask,
-                       other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        bptr = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+        if HAS_BIAS == 2:
+            keep = tl.load(bptr, mask=bmask, other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            bias = tl.load(bptr, mask=bmask, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
     if MASK:
         valid = offs_n[None, :] < LK
         if CAUSAL:

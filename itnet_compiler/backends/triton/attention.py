@@ -58,39 +58,39 @@ def kernels():
     return loader.load("dot_exp_fused", source)
 
 
-def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple]:
+def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple, int]:
+    """The mask as the kernel reads it, its broadcast strides, and HAS_BIAS: 0 none, 1 additive, 2 boolean (read
+    in place, 1 byte per pair: no float copy of an N² mask on every call)."""
     if mask is None:
-        return torch.empty(1, device=device, dtype=torch.float32), (0, 0, 0, 0)
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+        return torch.empty(1, device=device, dtype=torch.float32), (0, 0, 0, 0), 0
+    kind = 2 if mask.dtype == torch.bool else 1
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     mask = mask.expand(shape)
-    return mask, tuple(mask.stride())
+    return mask, tuple(mask.stride()), kind
 
 
-def live_tiles(mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int) -> torch.Tensor | None:
+def live_tiles(
+    mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int
+) -> torch.Tensor | None:
     """Block sparsity: int8 [B|1, H|1, tiles_m, tiles_n] (broadcast through zero strides), 0 where the mask rules out
-    every pair of a (row tile, column tile); None when no tile can be skipped (the kernel then reads no table)."""
+    every pair of a (row tile, column tile); None without a mask. One reduction over the mask, no host sync: a table
+    that skips nothing costs the kernel one byte per tile."""
     if mask is None:
         return None
     b, h, lq, lk = shape
-    dead = ~mask if mask.dtype == torch.bool else torch.isneginf(mask)
-    while dead.dim() < 4:
-        dead = dead.unsqueeze(0)
-    if not bool(dead.any()):
-        return None
-    rows, cols = dead.shape[-2], dead.shape[-1]
+    live = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+    while live.dim() < 4:
+        live = live.unsqueeze(0)
+    rows, cols = live.shape[-2], live.shape[-1]
     pr = (-rows) % bm if rows == lq else 0
     pc = (-cols) % bn if cols == lk else 0
-    dead = torch.nn.functional.pad(dead, (0, pc, 0, pr), value=True)
-    tm = dead.shape[-2] // bm if rows == lq else 1
-    tn = dead.shape[-1] // bn if cols == lk else 1
-    dead = dead.reshape(*dead.shape[:2], tm, dead.shape[-2] // tm, tn, dead.shape[-1] // tn).all(5).all(3)
-    if not bool(dead.any()):
-        return None
-    live = (~dead).to(torch.int8)
-    return live.expand(b, h, triton.cdiv(lq, bm), triton.cdiv(lk, bn))  # size-1 dims broadcast with stride 0
+    if pr or pc:
+        live = torch.nn.functional.pad(live, (0, pc, 0, pr), value=False)
+    tm = live.shape[-2] // bm if rows == lq else 1
+    tn = live.shape[-1] // bn if cols == lk else 1
+    live = live.reshape(*live.shape[:2], tm, live.shape[-2] // tm, tn, live.shape[-1] // tn).any(5).any(3)
+    return live.to(torch.int8).expand(b, h, triton.cdiv(lq, bm), triton.cdiv(lk, bn))  # size-1 dims: stride 0
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -133,7 +133,7 @@ def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: Attent
     b, h, lq, d = q.shape
     lk = k.shape[2]
     group = h // k.shape[1]
-    bias, bs = _bias(mask, (b, h, lq, lk), q.device)
+    bias, bs, kind = _bias(mask, (b, h, lq, lk), q.device)
     o = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     mod = kernels()
@@ -143,7 +143,7 @@ def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: Attent
     mod.attention_fwd[grid](
         q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
         h, group, lq, lk, d, scale * LOG2E, window,
-        HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
+        HAS_BIAS=kind, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
         WINDOWED=window > 0, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=opts.num_warps, num_stages=opts.num_stages,
     )  # fmt: skip
@@ -162,7 +162,7 @@ def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, wi
     mod = kernels()
     blocks = live_tiles(mask, (b, h, lq, lk), opts.bwd_block_m, opts.bwd_block_n)
     blk, bst = _table(blocks, lse)
-    common = dict(HAS_BIAS=mask is not None, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
+    common = dict(HAS_BIAS=0 if mask is None else 2 if mask.dtype == torch.bool else 1, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
                   WINDOWED=window > 0, BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=opts.bwd_num_warps,
                   num_stages=opts.bwd_num_stages)  # fmt: skip

@@ -263,10 +263,15 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
 '''
 
-# The dot_exp family's kernel: K(i, j) = exp(scale·⟨q_i, k_j⟩ + bias(i, j)), written in base 2.
+# The dot_exp family's kernel: K(i, j) = exp(scale·⟨q_i, k_j⟩ + bias(i, j)), written in base 2. HAS_BIAS is 1 for an
+# additive mask (added to the logits) and 2 for a boolean one, read as it is (1 byte per pair): false rules j out.
 DOT_EXP_KERNEL = """    s = tl.dot(q, kT, input_precision=PREC) * qk_scale
     if HAS_BIAS:
         bmask = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
-        bias = tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn, mask=bmask,
-                       other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634"""
+        bptr = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn
+        if HAS_BIAS == 2:
+            keep = tl.load(bptr, mask=bmask, other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            bias = tl.load(bptr, mask=bmask, other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634"""
