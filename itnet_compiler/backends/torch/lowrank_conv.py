@@ -197,8 +197,16 @@ def conv_lowrank(
     dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
                               transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
                               layer=layer), layer)  # fmt: skip
-    chain = cached((layer, "lowrank", opts), (weight,), lambda: factorize(dc, opts, layer))
-    return add_bias(chain(dc.x), bias)
+    return add_bias(chain_for(dc, weight, opts, layer)(dc.x), bias)
+
+
+def chain_for(dc: DirectConv, weight: torch.Tensor, opts: ConvLowRankOptions, layer: str) -> ConvChain:
+    """The layer's factorised chain: cached in the active runtime state while the weight is unchanged, except when
+    the weight is being trained: then the factors are rebuilt each call, so every step has its own autograd graph
+    from the factors back to the weight (a cached graph would be freed by the first backward)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return factorize(dc, opts, layer)
+    return cached((layer, "lowrank", opts), (weight,), lambda: factorize(dc, opts, layer))
 
 
 def factorize(dc: DirectConv, opts: ConvLowRankOptions, layer: str = "") -> ConvChain:

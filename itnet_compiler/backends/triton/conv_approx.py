@@ -1,7 +1,7 @@
 """Triton lowerings of ``stationary`` that approximate: ``lowrank`` (a chain of smaller convolutions) and
 ``montecarlo`` (sampled taps, shared mode).
 
-- ``lowrank``: the factorisation (svd / spatial / cp / learned) is the torch lowering's own (``factorize`` under the
+- ``lowrank``: the factorisation (svd / spatial / cp / learned) is the torch lowering's own (``chain_for``: the
   same ``cached`` key, so one ``RuntimeState`` holds one set of factors for both backends and the numbers are the
   same); each convolution of the chain then runs through the Triton stationary kernels (depthwise or implicit GEMM,
   with their backward kernels). The factors are differentiable functions of the weight (and, for ``learned``, of the
@@ -25,10 +25,10 @@ import torch
 import triton
 
 from ..torch.fused_conv import direct_form, nonempty, tap_list
-from ..torch.lowrank_conv import ConvLowRankOptions, factorize
+from ..torch.lowrank_conv import ConvLowRankOptions, chain_for
 from ..torch.montecarlo import MonteCarloOptions, relative
 from ..torch.montecarlo_conv import _proposal, _tap_scores
-from ..torch.runtime import ErrorEstimate, cached, report_error
+from ..torch.runtime import ErrorEstimate, report_error
 from . import conv, loader
 from .templates.stationary_mc import STATIONARY_MC, STATIONARY_MC_KERNEL
 
@@ -56,7 +56,7 @@ def conv_lowrank(x, weight, bias=None, *, stride, padding, dilation, groups, tra
     dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
                               transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
                               layer=layer), layer)  # fmt: skip
-    chain = cached((layer, "lowrank", opts), (weight,), lambda: factorize(dc, opts, layer))
+    chain = chain_for(dc, weight, opts, layer)
     y = dc.x
     for i, (w, s, d, g) in enumerate(chain.steps):
         last = i == len(chain.steps) - 1
