@@ -123,6 +123,28 @@ def test_inputs_outside_the_kernels_are_refused():
     assert "weights" in tri_lowrank.supported(q, k, v, None, return_weights=True)
 
 
+def test_inputs_past_the_kernels_offsets_and_grid_are_refused():
+    """Offsets inside one b·h slice are 32-bit and b·h is the grid's second axis (at most 65535): larger inputs run
+    in torch rather than fault on a card (the interpreter checks neither). Meta tensors: no memory."""
+
+    def meta(*shape):
+        return torch.empty(*shape, dtype=torch.float16, device="meta")
+
+    q = meta(64, 32, 2**16, 128)  # B·H·L·D = 2³⁴: past 32 bits as a whole, fine per slice (64-bit bases)
+    assert tri_lowrank.supported(q, q, q, None, rank=256) is None
+    long = meta(1, 1, 2**24, 128)
+    assert "2³¹" in tri_lowrank.supported(long, long, long, None)
+    mid = meta(1, 1, 2**23, 64)  # the features' slice: L·rank
+    assert tri_lowrank.supported(mid, mid, mid, None, rank=128) is None
+    assert "2³¹" in tri_lowrank.supported(mid, mid, mid, None, rank=256)
+    wide = meta(2048, 32, 16, 64)
+    assert "65535" in tri_lowrank.supported(wide, wide, wide, None)
+    kv = meta(1, 4, 16, 64)
+    assert "heads" in tri_lowrank.supported(meta(1, 6, 16, 64), kv, kv, None)
+    assert "batch" in tri_lowrank.supported(meta(2, 4, 16, 64), kv, kv, None)
+    assert "rank" in tri_lowrank.supported(meta(2, 16, 64), kv, kv, None)
+
+
 def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
     holes = {

@@ -151,6 +151,27 @@ def test_unsupported_inputs_fall_back_once_with_the_spec_options():
     assert tri.error_estimates["attn"]["samples"] == 5
 
 
+def _meta(*shape, dtype=torch.float16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_inputs_past_the_kernels_offsets_and_grid_are_refused():
+    """Offsets inside one (batch, head) slice are 32-bit and batch·heads is the grid's second axis (at most 65535):
+    larger inputs run in torch rather than fault on a card (the interpreter checks neither). Meta tensors: no memory."""
+    q = _meta(1, 2, 1024, 64)
+    assert tri_mc.supported(q, q, q, None) is None
+    assert tri_mc.supported(q, q, q, _meta(1, 1, 1024, 1024).expand(8, 2, -1, -1)) is None  # bases are 64-bit
+    small = _meta(1, 1, 16, 64)
+    assert "2³¹" in tri_mc.supported(_meta(1, 1, 2**25, 64), small, small, None)
+    strided = _meta(1, 2**18 + 16, 64, 128).transpose(1, 2)  # [B, L, H, D] storage: rows 64·128 apart
+    assert "2³¹" in tri_mc.supported(strided, small, small, None)
+    assert "2³¹" in tri_mc.supported(q, q, q, _meta(1, 1, 2**16, 2**15, dtype=torch.bool))
+    assert "65535" in tri_mc.supported(_meta(1024, 64, 16, 64), _meta(1024, 64, 16, 64), _meta(1024, 64, 16, 64), None)
+    kv = _meta(1, 4, 16, 64)
+    assert "heads" in tri_mc.supported(_meta(1, 6, 16, 64), kv, kv, None)
+    assert "batch" in tri_mc.supported(_meta(2, 4, 16, 64), kv, kv, None)
+
+
 def _bert():
     torch.manual_seed(0)
     cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

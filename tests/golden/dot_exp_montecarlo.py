@@ -13,6 +13,7 @@ weighted sums are tile products.
 Backward (the samples j_m are fixed): g_m = ∂L/∂lw_m = w_m (dy·v_{j_m} - dy·y); dq = scale Σ g_m k_{j_m};
 dk_{j_m} += scale g_m q and dv_{j_m} += w_m dy by atomic adds into float32 buffers (columns repeat); with DLQ the
 gradient of the log proposal density, -g_m, is written too (a data-dependent proposal passes it on to k and v).
+Offsets: the bases of a (b, h) slice are 64-bit, offsets inside one 32-bit (``supported`` refuses larger slices).
 """
 import triton
 import triton.language as tl
@@ -51,7 +52,7 @@ def mc_fwd_rows(Q, K, V, IDX, LOGQ, BIAS, Y, LSE, VAR,
                 H, GROUP, LQ, M, D, scale,
                 HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (b, h) bases: B·H·LQ·LK, B·H·LQ·M pass 2³¹ at scale
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -105,7 +106,7 @@ def mc_bwd_rows(Q, K, V, IDX, LOGQ, BIAS, DY, LSE, DELTA, DQ, DK, DV, DLQ,
     """DQ [B, H, LQ, D] in Q's dtype and strides; DK, DV float32 [B, HKV, LK, D] (strides sg*) accumulated
     atomically; DLQ [B, H, LQ, M] float32 contiguous."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (b, h) bases: B·H·LQ·LK, B·H·LQ·M pass 2³¹ at scale
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -135,11 +136,11 @@ def mc_bwd_rows(Q, K, V, IDX, LOGQ, BIAS, DY, LSE, DELTA, DQ, DK, DV, DLQ,
         w = tl.where(jm, tl.exp(lw - lse[:, None]), 0.0)
         g = w * (tl.sum(vv * dy[:, None, :], 2) - delta[:, None])
         dq += tl.sum(g[:, :, None] * kk, 1)
-        base = b * sgb + hk * sgh + j[:, :, None] * sgn + offs_d[None, None, :] * sgd
-        tl.atomic_add(DK + base, (scale * g)[:, :, None] * q[:, None, :], mask=tile)
-        tl.atomic_add(DV + base, w[:, :, None] * dy[:, None, :], mask=tile)
+        base = j[:, :, None] * sgn + offs_d[None, None, :] * sgd
+        tl.atomic_add(DK + b * sgb + hk * sgh + base, (scale * g)[:, :, None] * q[:, None, :], mask=tile)
+        tl.atomic_add(DV + b * sgb + hk * sgh + base, w[:, :, None] * dy[:, None, :], mask=tile)
         if HAS_DLQ:
-            tl.store(DLQ + (bh * LQ + offs_r[:, None]) * M + offs_s[None, :], -g, mask=jm)
+            tl.store(DLQ + bh * LQ * M + offs_r[:, None] * M + offs_s[None, :], -g, mask=jm)
     tl.store(DQ + b * sqb + h * sqh + offs_r[:, None] * sqm + offs_d[None, :] * sqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
@@ -168,7 +169,7 @@ def mc_fwd_shared(Q, K, V, IDX, LOGQ, BIAS, Y, LSE, VAR,
                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (b, h) bases: B·H·LQ·LK, B·H·LQ·M pass 2³¹ at scale
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -220,7 +221,7 @@ def mc_bwd_shared(Q, K, V, IDX, LOGQ, BIAS, DY, LSE, DELTA, DQ, DK, DV, DLQ,
                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """As mc_bwd_rows for a tile of rows; DLQ [B, H, M] float32 contiguous, summed over rows atomically."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (b, h) bases: B·H·LQ·LK, B·H·LQ·M pass 2³¹ at scale
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -249,11 +250,11 @@ def mc_bwd_shared(Q, K, V, IDX, LOGQ, BIAS, DY, LSE, DELTA, DQ, DK, DV, DLQ,
         g = w * (tl.dot(dy, vT, input_precision=PREC) - delta[:, None])
         dq += tl.dot(g.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         tile = smask[:, None] & dmask[None, :]
-        base = b * sgb + hk * sgh + j[:, None] * sgn + offs_d[None, :] * sgd
+        base = j[:, None] * sgn + offs_d[None, :] * sgd
         dk = tl.dot(tl.trans(g).to(q.dtype), q, input_precision=PREC) * scale
         dv = tl.dot(tl.trans(w).to(dy.dtype), dy, input_precision=PREC)
-        tl.atomic_add(DK + base, dk, mask=tile)
-        tl.atomic_add(DV + base, dv, mask=tile)
+        tl.atomic_add(DK + b * sgb + hk * sgh + base, dk, mask=tile)
+        tl.atomic_add(DV + b * sgb + hk * sgh + base, dv, mask=tile)
         if HAS_DLQ:
             tl.atomic_add(DLQ + bh * M + offs_s, -tl.sum(g, 0), mask=smask)
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,

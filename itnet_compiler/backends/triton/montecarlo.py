@@ -11,6 +11,7 @@ data-dependent proposal, which torch autograd carries on to k and v exactly as t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -156,10 +157,28 @@ class _MonteCarlo(torch.autograd.Function):
         return dq, dk, dv, dlq, None, None, None, None, None, None, None
 
 
+GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads here) takes on CUDA
+INDEX_LIMIT = 2**31  # offsets inside one (batch, head) slice are 32-bit (the slices' bases are 64-bit)
+
+
+def _slice_extent(t: torch.Tensor) -> int:
+    """Elements one slice of the last two dims spans through its strides (a bool mask becomes a contiguous bias)."""
+    if t.dtype == torch.bool:
+        return math.prod(t.shape[-2:])
+    return 1 + sum(max(n - 1, 0) * abs(st) for n, st in zip(t.shape[-2:], t.stride()[-2:], strict=True))
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why the kernels cannot take these inputs, or None when they can."""
-    if q.dim() != 4:
-        return f"query of rank {q.dim()} (the kernels take [batch, heads, rows, dim])"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"ranks {q.dim()}, {k.dim()}, {v.dim()} of q, k, v (the kernels take [batch, heads, rows, dim])"
+    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
+        return "key/value batch or heads that do not match the query's (the kernels index them per query head)"
+    if q.shape[0] * q.shape[1] > GRID_Y:
+        return f"batch × heads above {GRID_Y} (the launch grid's second axis)"
+    slices = [_slice_extent(t) for t in (q, k, v) + ((mask,) if mask is not None else ())]
+    if max(*slices, max(q.shape[2], k.shape[2]) * q.shape[-1]) >= INDEX_LIMIT:
+        return "a (batch, head) slice of 2³¹ elements or more (the kernels index inside one with 32-bit offsets)"
     if q.shape[-1] != v.shape[-1]:
         return "value head dim differs from query head dim"
     if q.shape[-1] > 256:

@@ -19,6 +19,7 @@ or A_ij = φ_iᵀψ_j. Output y_i = n_i / d_i, n_i = φ_i·HS + Σ_j A_ij v_j, d
 Backward: g_i = ∂L/∂y_i, dn_i = g_i / d_i, dd_i = -g_i·y_i / d_i; reverse states GS[bh, c] = Σ_{i ≥ (c+1)·CH} φ_iᵀ dn_i,
 GZ[bh, c] = Σ_{i ≥ (c+1)·CH} φ_i dd_i (non-causal: sums over all i). Feature stabilisers (row maxima of log φ, the
 per-bh maximum of log ψ) are constants here: the output does not depend on them.
+Offsets: the bases of a bh slice are 64-bit, offsets inside one 32-bit (``supported`` refuses larger slices).
 """
 import triton
 import triton.language as tl
@@ -49,7 +50,7 @@ def features_fwd(X, W, CB, SHIFT, OUT, MAX, L, R, DQK, T, root, half_log_r,
     tile's maximum in MAX[bh, tile] (the first pass of ψ, whose stabiliser is one maximum per bh); MODE 2 stores
     ψ = exp(logf - SHIFT[bh])."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_DQ)
@@ -81,7 +82,7 @@ def features_bwd(X, W, F, DF, DX, L, R, DQK, root, PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DQ: tl.constexpr):
     """dX from dF for F = exp(logf - const): dlogf = F·dF, then through the projection and the -root²‖x‖²/2."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_DQ)
@@ -91,8 +92,9 @@ def features_bwd(X, W, F, DF, DX, L, R, DQK, root, PREC: tl.constexpr,
     x = tl.load(X + bh * L * DQK + offs_m[:, None] * DQK + offs_k[None, :], mask=xmask, other=0.0).to(tl.float32)
     w = tl.load(W + offs_r[:, None] * DQK + offs_k[None, :], mask=(offs_r[:, None] < R) & (offs_k[None, :] < DQK),
                 other=0.0).to(tl.float32)
-    fo = bh * L * R + offs_m[:, None] * R + offs_r[None, :]
-    dl = tl.load(F + fo, mask=fmask, other=0.0).to(tl.float32) * tl.load(DF + fo, mask=fmask, other=0.0)
+    fo = offs_m[:, None] * R + offs_r[None, :]
+    dl = (tl.load(F + bh * L * R + fo, mask=fmask, other=0.0).to(tl.float32)
+          * tl.load(DF + bh * L * R + fo, mask=fmask, other=0.0))
     dx = tl.dot(dl, w, input_precision=PREC) * root - (root * root) * x * tl.sum(dl, 1)[:, None]
     tl.store(DX + bh * L * DQK + offs_m[:, None] * DQK + offs_k[None, :], dx.to(DX.dtype.element_ty), mask=xmask)
 
@@ -120,7 +122,7 @@ def _chunk_sum(s, z, A, B, WB, WZ, bh, lo, hi, LA, R, D, offs_r, offs_d,
 @triton.jit
 def _store_state(HS, ZS, s, z, bh, c, NC, R, D, offs_r, offs_d, pid_d):
     base = (bh * NC + c) * R
-    tl.store(HS + (base + offs_r[:, None]) * D + offs_d[None, :], s,
+    tl.store(HS + base * D + offs_r[:, None] * D + offs_d[None, :], s,
              mask=(offs_r[:, None] < R) & (offs_d[None, :] < D))
     if pid_d == 0:
         tl.store(ZS + base + offs_r, z, mask=offs_r < R)
@@ -132,7 +134,7 @@ def state_scan(A, B, WB, WZ, HS, ZS, LA, NC, R, D, CH,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (bh, slice of d) walks the chunks (REVERSE: last first) with the running [R, BLOCK_D] state in
     registers and stores, for each chunk, the sum over the chunks before it (after it)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     pid_d = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -154,7 +156,7 @@ def state_chunks(A, B, WB, WZ, HS, ZS, LA, NC, R, D, CH,
                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per (chunk, bh, slice of d): that chunk's own sum (the caller adds the chunks up)."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     pid_d = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -169,7 +171,7 @@ def state_chunks(A, B, WB, WZ, HS, ZS, LA, NC, R, D, CH,
 @triton.jit
 def _load_state(HS, ZS, bh, c, NC, R, D, offs_r, offs_d):
     base = (bh * NC + c) * R
-    s = tl.load(HS + (base + offs_r[:, None]) * D + offs_d[None, :],
+    s = tl.load(HS + base * D + offs_r[:, None] * D + offs_d[None, :],
                 mask=(offs_r[:, None] < R) & (offs_d[None, :] < D), other=0.0)
     z = tl.load(ZS + base + offs_r, mask=offs_r < R, other=0.0)
     return s, z
@@ -181,7 +183,7 @@ def lowrank_fwd(PHI, PSI, V, Q, K, CB, LS, HS, ZS, O, DEN, LQ, LK, R, D, DQK, CH
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DQ: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -235,7 +237,7 @@ def lowrank_bwd_rows(PHI, PSI, V, Q, K, CB, LS, HS, ZS, G, RDEN, DD, DPHI, DQ, D
                      BLOCK_DQ: tl.constexpr):
     """dφ_i (and, with LOCAL, dq_i and dLS_i through the exact diagonal chunk) for one tile of rows."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -296,7 +298,7 @@ def lowrank_bwd_cols(PHI, PSI, V, Q, K, CB, LS, GS, GZ, G, RDEN, DD, DPSI, DV, D
     """dψ_j, dv_j (and, with LOCAL, dk_j) for one tile of columns; the diagonal chunk is walked in transposed tiles
     (rows j, columns i) so no [BLOCK_M, BLOCK_N] tile is transposed in registers."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit base: B·H·L·D and the chunk states pass 2³¹ at scale
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
