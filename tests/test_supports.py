@@ -206,3 +206,10 @@ def test_a_causal_lm_mask_folds_to_causal_and_padding_masks_stay_masks():
     out = itc.build(prog)(ids, attention_mask=pad2).last_hidden_state
     ref = model(ids, attention_mask=pad2).last_hidden_state
     assert _rel(out[pad2.bool()], ref[pad2.bool()]) <= 1e-5
+
+
+def test_attention_past_the_kernel_grid_is_refused_with_a_reason():
+    q = torch.empty(1024, 65, 8, 16, device="meta")
+    assert "65535" in tri_attn.supported(q, q, q, None)
+    q = torch.empty(1024, 64, 8, 16, device="meta")
+    assert tri_attn.supported(q, q, q, None) is None

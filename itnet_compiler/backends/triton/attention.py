@@ -210,6 +210,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return "the additive mask needs a gradient"
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
+    if q.shape[0] * q.shape[1] > 65535:
+        return "batch × heads above 65535 (the kernels' grid axis)"
     return None
 
 

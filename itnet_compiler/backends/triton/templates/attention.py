@@ -118,7 +118,7 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                   WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (batch, head) bases: q, k, v may pass 2³¹ elements
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -171,7 +171,7 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                      WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (batch, head) bases: q, k, v may pass 2³¹ elements
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -220,7 +220,7 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
                        BLOCK_D: tl.constexpr):
     """dK, dV of one (q-head, column tile); GQA groups are summed by the caller."""
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit (batch, head) bases: q, k, v may pass 2³¹ elements
     b = bh // H
     h = bh % H
     hk = h // GROUP
