@@ -342,7 +342,9 @@ def describe(e: BaseException) -> str:
     parts = []
     while e is not None and len(parts) < 4:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        parts.append(f"{type(e).__name__}: {lines[-1].strip() if lines else ''}"[:600])
+        errors = [ln for ln in lines if ("error" in ln.lower() or "fatal" in ln.lower())  # ptxas's own lines
+                  and not any(w in ln.lower() for w in ("repro", "aborted"))]  # fmt: skip
+        parts.append(f"{type(e).__name__}: {(errors or lines or [''])[-1].strip()}"[:600])
         e = e.__cause__
     return " <- ".join(parts)
 
@@ -411,7 +413,7 @@ def judge(ln: Launch, kind: str, payload, elapsed: float) -> dict[str, object]:
     elif row["shared"] > 0.95 * SMEM_LIMIT:
         warnings.append(f"shared memory {row['shared']} B within 5% of the limit (triton 3.6 may need more)")
     if row["spills"] > 0:
-        warnings.append(f"spills {row['spills']} B stores / {row['spill_loads']} B loads per thread")
+        warnings.append(f"ptxas spills: {row['spills']} B stores / {row['spill_loads']} B loads")
     elif row["spills"] < 0 and row["stack_bytes"]:  # from the cubin: the stack frame holds any spills
         warnings.append(f"{row['stack_bytes']} B stack frame per thread (spills?)")
     status = "FAIL" if problems else "WARN" if warnings else "OK"
@@ -483,7 +485,9 @@ def conv_scenarios() -> list[Scenario]:
             w, bias = _t(*wshape, dtype=dtype, grad=True), _t(cout, dtype=dtype, grad=True)
             static = dict(stride=stride, padding=pad, dilation=dil, groups=groups, transposed=transposed,
                           output_padding=outp or (0,) * rank, padding_mode="zeros")  # fmt: skip
-            _backward(C.stationary_conv(x, w, bias, **static))
+            # split_k: on a GPU the weight gradient's K loop is split to fill the device (a runtime int > 1, where the
+            # CPU picks 1, which Triton would specialise to a constant)
+            _backward(C.stationary_conv(x, w, bias, **static, split_k=4))
 
         return run
 
@@ -494,6 +498,8 @@ def conv_scenarios() -> list[Scenario]:
         ("gemm 2d 3x3", True, 64, 128, (16, 16), (3, 3), two, ((1, 1), (1, 1)), 1, False),
         ("gemm 1d k3 grouped", False, 64, 128, (256,), (3,), one, ((1, 1),), 4, False),
         ("gemm 2d transposed s2", False, 64, 32, (16, 16), (4, 4), ((2, 2), (1, 1)), ((1, 1), (1, 1)), 1, True),
+        ("depthwise 3d 3x3x3", False, 64, 64, (8, 16, 16), (3, 3, 3), ((1, 1, 1), (1, 1, 1)), ((1, 1),) * 3, 64, False),
+        ("gemm 3d 3x3x3", False, 32, 64, (8, 16, 16), (3, 3, 3), ((1, 1, 1), (1, 1, 1)), ((1, 1),) * 3, 1, False),
     ]
     return [
         Scenario("conv", f"{NAMES[dt]} {label}", case(dt, ci, co, size, k, sd[0], sd[1], pad, g, tr),
