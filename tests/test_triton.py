@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ITNET_TEST_GPU"
 import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter walks module members)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from snapshots import assert_matches_golden  # noqa: E402
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
@@ -18,7 +19,6 @@ from itnet_compiler.backends.triton import attention as tri_attn  # noqa: E402
 from itnet_compiler.backends.triton import loader, templates  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,12 +68,7 @@ def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
     holes = {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL}
     source = loader.render(templates.ATTENTION, holes)
-    golden = os.path.join(GOLDEN, "dot_exp_fused.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden("dot_exp_fused", source)
     loader._LOADED.clear()
     mod = loader.load("dot_exp_fused", source)
     path = loader.source_path("dot_exp_fused", source)
@@ -102,12 +97,7 @@ def test_every_family_kernel_matches_its_snapshot(name):
                "gated_lstm": gated.kernels, "gated_gru": gated.gru_kernels}  # fmt: skip
     template, title, kernel = RENDERED[name]
     source = loader.render(getattr(templates, template), {"TITLE": title, "KERNEL": getattr(templates, kernel)})
-    golden = os.path.join(GOLDEN, f"{name}.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden(name, source)
     assert open(loaders[name]().__file__).read() == source
 
 

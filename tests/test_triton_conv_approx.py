@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ITNET_TEST_GPU"
 import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter walks module members)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from snapshots import assert_matches_golden  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
 from itnet_compiler.backends.torch import lowrank_conv as LC  # noqa: E402
@@ -21,7 +22,6 @@ from itnet_compiler.backends.triton import loader  # noqa: E402
 from itnet_compiler.backends.triton.templates.stationary_mc import STATIONARY_MC, STATIONARY_MC_KERNEL  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
 
 
@@ -131,12 +131,7 @@ def test_sampled_taps_template_matches_snapshot_and_is_cached(tmp_path, monkeypa
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
     holes = {"TITLE": "stationary montecarlo (shared taps)", "KERNEL": STATIONARY_MC_KERNEL}
     source = loader.render(STATIONARY_MC, holes)
-    golden = os.path.join(GOLDEN, "stationary_montecarlo.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden("stationary_montecarlo", source)
     loader._LOADED.clear()
     mod = CA.mc_kernels()
     path = loader.source_path("stationary_montecarlo", source)

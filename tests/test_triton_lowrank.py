@@ -13,6 +13,7 @@ import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter w
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from snapshots import assert_matches_golden  # noqa: E402
 from transformers import AttentionInterface, GPT2Config, GPT2Model  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
@@ -24,7 +25,6 @@ from itnet_compiler.backends.triton import lowrank as tri_lowrank  # noqa: E402
 from itnet_compiler.backends.triton.templates import lowrank as templates  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 SCALE = 0.3
 
 
@@ -153,12 +153,7 @@ def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
         "KERNEL": templates.DOT_EXP_LOG_KERNEL,
     }
     source = loader.render(templates.LOWRANK, holes)
-    golden = os.path.join(GOLDEN, "dot_exp_lowrank.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden("dot_exp_lowrank", source)
     loader._LOADED.clear()
     mod = tri_lowrank.kernels()
     path = loader.source_path("dot_exp_lowrank", source)

@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ITNET_TEST_GPU"
 import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter walks module members)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from snapshots import assert_matches_golden  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
@@ -23,7 +24,6 @@ from itnet_compiler.backends.triton import montecarlo as tri_mc  # noqa: E402
 from itnet_compiler.backends.triton.templates.montecarlo import DOT_EXP_SAMPLED, MONTECARLO  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,12 +115,7 @@ def test_gradients_match_torch_autograd_of_the_lowering(case):
 
 def test_generated_source_matches_snapshot():
     source = loader.render(MONTECARLO, {"TITLE": "dot_exp montecarlo gather-reduce", "KERNEL": DOT_EXP_SAMPLED})
-    golden = os.path.join(GOLDEN, "dot_exp_montecarlo.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden("dot_exp_montecarlo", source)
     assert open(tri_mc.kernels().__file__).read() == source
 
 

@@ -13,13 +13,13 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("ITNET_TEST_GPU"
 import hypothesis  # noqa: E402,F401  (loaded up front: the Triton interpreter walks module members)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from snapshots import assert_matches_golden  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
 from itnet_compiler.backends.torch.recurrent import ssm_chunked, ssm_dense  # noqa: E402
 from itnet_compiler.backends.triton import loader, ssd, templates  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,12 +104,7 @@ def test_ssd_gradients_of_every_input_match_the_torch_lowering(name):
 def test_ssd_kernel_matches_its_snapshot():
     """The source the backend loads is the snapshot (rendered exactly as ``ssd.kernels`` renders it)."""
     source = loader.render(templates.SSD, {"TITLE": "ssm chunked (SSD)", "KERNEL": templates.SSD_KERNEL})
-    golden = os.path.join(GOLDEN, "ssm_chunked.py")
-    if os.environ.get("ITNET_UPDATE_GOLDEN"):
-        with open(golden, "w") as f:
-            f.write(source)
-    with open(golden) as f:
-        assert source == f.read(), "generated kernel changed: review it, then rerun with ITNET_UPDATE_GOLDEN=1"
+    assert_matches_golden("ssm_chunked", source)
     assert open(ssd.kernels().__file__).read() == source
 
 
