@@ -81,8 +81,8 @@ def test_parse_errors_name_line_and_column(change, line, marker, words):
     [
         (("aten.linear.default(%x, %wq)", "aten.linearr.default(%x, %wq)"), "unknown op"),
         (("heads=4, kv_heads=4", "heads=3, kv_heads=3"), "do not match"),
-        (("support=\"causal\"", "support=\"sideways\""), "support must be"),
-        (("lowering=\"auto\"", "lowering=\"magic\""), "lowering 'magic'"),
+        (('support="causal"', 'support="sideways"'), "support must be"),
+        (('lowering="auto"', 'lowering="magic"'), "lowering 'magic'"),
         (("symbol seq in [2, 512]\n", ""), "undeclared size symbol"),
         (("it.transform(q=%q, k=%k, v=%v)", "it.transform(q=%q, k=%k)"), "missing input role 'v'"),
         (("aten.transpose.int(%v1, 1, 2)", "aten.transpose.int(%v1, 1, 2, 3, 4)"), "schema takes"),

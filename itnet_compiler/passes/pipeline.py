@@ -13,9 +13,9 @@ from .. import config
 from ..ir.core import Program
 from ..ir.verify import verify
 from . import recognize_attention, recognize_conv
-from .fold_masks import fold_masks
 from .choose_lowering import ChooseOptions, choose_lowering
 from .cleanup import dce
+from .fold_masks import fold_masks
 from .plan import apply_plan, resolve_auto
 from .rewrite import apply_rules
 

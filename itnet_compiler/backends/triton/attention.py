@@ -70,9 +70,7 @@ def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.devic
     return mask, tuple(mask.stride()), kind
 
 
-def live_tiles(
-    mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int
-) -> torch.Tensor | None:
+def live_tiles(mask: torch.Tensor | None, shape: tuple[int, int, int, int], bm: int, bn: int) -> torch.Tensor | None:
     """Block sparsity: int8 [B|1, H|1, tiles_m, tiles_n] (broadcast through zero strides), 0 where the mask rules out
     every pair of a (row tile, column tile); None without a mask. One reduction over the mask, no host sync: a table
     that skips nothing costs the kernel one byte per tile."""
@@ -91,10 +89,6 @@ def live_tiles(
     tn = live.shape[-1] // bn if cols == lk else 1
     live = live.reshape(*live.shape[:2], tm, live.shape[-2] // tm, tn, live.shape[-1] // tn).any(5).any(3)
     return live.to(torch.int8).expand(b, h, triton.cdiv(lq, bm), triton.cdiv(lk, bn))  # size-1 dims: stride 0
-
-
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _smaller(opts: AttentionOptions) -> AttentionOptions | None:
@@ -143,7 +137,7 @@ def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: Attent
     mod.attention_fwd[grid](
         q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
         h, group, lq, lk, d, scale * LOG2E, window,
-        HAS_BIAS=kind, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
+        HAS_BIAS=kind, CAUSAL=causal, PREC=loader.dot_precision(q.dtype), HAS_BLOCKS=blocks is not None,
         WINDOWED=window > 0, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=opts.num_warps, num_stages=opts.num_stages,
     )  # fmt: skip
@@ -162,7 +156,8 @@ def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, wi
     mod = kernels()
     blocks = live_tiles(mask, (b, h, lq, lk), opts.bwd_block_m, opts.bwd_block_n)
     blk, bst = _table(blocks, lse)
-    common = dict(HAS_BIAS=0 if mask is None else 2 if mask.dtype == torch.bool else 1, CAUSAL=causal, PREC=_prec(q.dtype), HAS_BLOCKS=blocks is not None,
+    kind = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
+    common = dict(HAS_BIAS=kind, CAUSAL=causal, PREC=loader.dot_precision(q.dtype), HAS_BLOCKS=blocks is not None,
                   WINDOWED=window > 0, BLOCK_M=opts.bwd_block_m, BLOCK_N=opts.bwd_block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=opts.bwd_num_warps,
                   num_stages=opts.bwd_num_stages)  # fmt: skip

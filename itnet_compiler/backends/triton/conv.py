@@ -152,12 +152,8 @@ def gemm_kernels():
     return loader.load("stationary_gemm", source)
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _geom_kw(g: _Geom, dtype: torch.dtype) -> dict[str, object]:
-    return {**g.constexprs(), "PREC": _prec(dtype)}
+    return {**g.constexprs(), "PREC": loader.dot_precision(dtype)}
 
 
 def _launch(name: str, grid_m: int, grid_n: int, grid_z: int, opts: GemmOptions, *args, **kw) -> None:

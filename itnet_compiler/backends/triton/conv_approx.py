@@ -142,7 +142,7 @@ class _SampledTaps(torch.autograd.Function):
         ys = torch.empty(rows, nt, dtype=torch.float32, device=x.device)
         _launch("mc_fwd", grid, tiles, x2, w4, bias if bias is not None else w4, taps, scale, sqw, y, sq, ys, n, h,
                 w, oh, ow, cin // groups, co, taps.shape[0], nt, *x2.stride(), *w4.stride(), *y.stride(),
-                **_geom(stride, dilation), HAS_BIAS=bias is not None, PREC=conv._prec(x.dtype))  # fmt: skip
+                **_geom(stride, dilation), HAS_BIAS=bias is not None, PREC=loader.dot_precision(x.dtype))  # fmt: skip
         ctx.save_for_backward(x, weight, taps, scale)
         ctx.meta = (stride, dilation, groups, bias is not None, tiles)
         sq, ys = sq.sum(1), ys.sum(1)
@@ -159,7 +159,7 @@ class _SampledTaps(torch.autograd.Function):
         oh, ow = dy2.shape[2:]
         ci, co = cin // groups, w4.shape[0] // groups
         ns = taps.shape[0]
-        geo = {**_geom(stride, dilation), "PREC": conv._prec(x.dtype)}
+        geo = {**_geom(stride, dilation), "PREC": loader.dot_precision(x.dtype)}
         dx = torch.empty_like(x2)
         grid = (triton.cdiv(n * h * w, tiles.block_m), triton.cdiv(ci, tiles.block_n), groups)
         _launch("mc_dgrad", grid, tiles, dy2, w4, taps, scale, dx, n, h, w, oh, ow, ci, co, ns, *dy2.stride(),

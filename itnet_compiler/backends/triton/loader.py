@@ -19,6 +19,13 @@ from ... import config
 _LOADED: dict[str, ModuleType] = {}
 
 
+def dot_precision(dtype: object) -> str:
+    """``tl.dot``'s input precision for operands of ``dtype``: exact for float32, tensor-core rounding otherwise."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def render(template: str, holes: dict[str, str]) -> str:
     """Fill ``{{NAME}}`` holes; every hole must be filled and nothing else is touched."""
     out = template

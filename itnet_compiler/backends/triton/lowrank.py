@@ -67,10 +67,6 @@ def kernels():
     return loader.load("dot_exp_lowrank", loader.render(templates.LOWRANK, holes))
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -97,7 +93,7 @@ class _Features(torch.autograd.Function):
         out = torch.empty(bh, n, r, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(n, tiles.block_m), bh)
         cbf = cb.reshape(bh, n).float().contiguous() if cb is not None else out
-        common = dict(PREC=_prec(x.dtype), BLOCK_M=tiles.block_m, BLOCK_R=_p2(r), BLOCK_DQ=_p2(dqk),
+        common = dict(PREC=loader.dot_precision(x.dtype), BLOCK_M=tiles.block_m, BLOCK_R=_p2(r), BLOCK_DQ=_p2(dqk),
                       num_warps=tiles.num_warps)  # fmt: skip
         args = (n, r, dqk, grid[0], root, 0.5 * math.log(r))
         if per_row:
@@ -128,7 +124,8 @@ class _Features(torch.autograd.Function):
         grid = (triton.cdiv(n, tiles.block_m), xf.shape[0])
         kernels().features_bwd[grid](
             xf, omega, out, _flat(dout).float(), dx, n, r, dqk, root,
-            PREC=_prec(x.dtype), BLOCK_M=tiles.block_m, BLOCK_R=_p2(r), BLOCK_DQ=_p2(dqk), num_warps=tiles.num_warps,
+            PREC=loader.dot_precision(x.dtype), BLOCK_M=tiles.block_m, BLOCK_R=_p2(r), BLOCK_DQ=_p2(dqk),
+            num_warps=tiles.num_warps,
         )  # fmt: skip
         return dx.view(x.shape), None, None, None, None, None
 
@@ -170,7 +167,7 @@ class _PrefixSum(torch.autograd.Function):
         dqk = q.shape[-1]
         bh = b * h
         mod = kernels()
-        prec = _prec(v.dtype)
+        prec = loader.dot_precision(v.dtype)
         phif, psif, vf = _flat(phi), _flat(psi), _flat(v)
         qf, kf = (_flat(q), _flat(k)) if local else (phif, psif)
         cbf = cb.reshape(bh, lk).float().contiguous() if local and cb is not None else None
@@ -203,7 +200,7 @@ class _PrefixSum(torch.autograd.Function):
         lk, d = vf.shape[-2], vf.shape[-1]
         dqk = qshape[-1]
         mod = kernels()
-        prec = _prec(vf.dtype)
+        prec = loader.dot_precision(vf.dtype)
         g = _flat(dy)
         rden = 1.0 / den
         dd = -(g.float() * out.float()).sum(-1) * rden

@@ -53,10 +53,6 @@ def kernels():
     return loader.load("dot_exp_montecarlo", loader.render(MONTECARLO, holes))
 
 
-def _prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple]:
     """The mask as an additive bias broadcast to [B, H, LQ, LK] through strides (bool: 0 / -inf); a 1-element
     placeholder when there is none."""
@@ -97,7 +93,7 @@ def forward(q, k, v, idx, logq, bias, bs, scale: float, causal: bool, shared: bo
         grid = (triton.cdiv(lq, tiles.block_m), b * h)
         mod.mc_fwd_shared[grid](
             q, k, v, idx, logq, bias, y, lse, var, *strides, h, group, lq, m, d, scale,
-            HAS_BIAS=bias.dim() == 4, CAUSAL=causal, PREC=_prec(q.dtype),
+            HAS_BIAS=bias.dim() == 4, CAUSAL=causal, PREC=loader.dot_precision(q.dtype),
             BLOCK_M=tiles.block_m, BLOCK_S=tiles.block_s, BLOCK_D=_block_d(d), num_warps=tiles.num_warps,
         )  # fmt: skip
     else:
@@ -125,7 +121,7 @@ def backward(dy, q, k, v, idx, logq, bias, bs, y, lse, scale, causal, shared, wa
             h, hkv, h // hkv, lq, lk, m, d, scale)  # fmt: skip
     if shared:
         mod.mc_bwd_shared[(triton.cdiv(lq, tiles.block_m), b * h)](
-            *args, HAS_BIAS=bias.dim() == 4, CAUSAL=causal, PREC=_prec(q.dtype), HAS_DLQ=want_dlq,
+            *args, HAS_BIAS=bias.dim() == 4, CAUSAL=causal, PREC=loader.dot_precision(q.dtype), HAS_DLQ=want_dlq,
             BLOCK_M=tiles.block_m, BLOCK_S=tiles.block_s, BLOCK_D=_block_d(d), num_warps=tiles.num_warps,
         )  # fmt: skip
     else:

@@ -52,7 +52,7 @@ class _Ssd(torch.autograd.Function):
         q = max(1, min(int(chunk), MAX_CHUNK, L))
         nc = -(-L // q)
         blocks = _blocks(P, N, q)
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        prec = loader.dot_precision(x.dtype)
         f32 = dict(dtype=torch.float32, device=x.device)
         states = torch.empty(bsz, H, nc, P, N, **f32)
         last = torch.empty(bsz, H, nc, **f32)
@@ -81,7 +81,7 @@ class _Ssd(torch.autograd.Function):
         R = H // G
         nc = states.shape[2]
         blocks = _blocks(P, N, q)
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        prec = loader.dot_precision(x.dtype)
         f32 = dict(dtype=torch.float32, device=x.device)
         dy = (torch.zeros_like(x) if dy is None else dy).contiguous()
         dht = torch.zeros(bsz, H, P, N, **f32) if dht is None else dht.float().contiguous()
