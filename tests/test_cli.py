@@ -275,7 +275,7 @@ def test_check_without_source_meta(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_run_on_triton_records_fallbacks_that_inspect_shows(tmp_path, capsys):
-    """The Triton backend (through the interpreter in CI) runs a small model whose 3-d convolution has no kernel:
+    """The Triton backend (through the interpreter in CI) runs a small model whose float64 convolution has no kernel:
     `run` reports the fallback, records it in the bundle, and `inspect` shows it."""
     bundle = tmp_path / "small.itir"
     spec = f"{tmp_path / 'small.py'}:make"
@@ -285,9 +285,9 @@ def test_run_on_triton_records_fallbacks_that_inspect_shows(tmp_path, capsys):
         "    def __init__(self):\n"
         "        super().__init__()\n"
         "        self.a = torch.nn.Conv1d(4, 4, 3, padding=1, groups=4)\n"
-        "        self.b = torch.nn.Conv3d(4, 2, 1)\n"
+        "        self.b = torch.nn.Conv1d(4, 2, 1).double()\n"
         "    def forward(self, x):\n"
-        "        return self.b(self.a(x).unsqueeze(-1).unsqueeze(-1))\n"
+        "        return self.b(self.a(x).double())\n"
         "def make():\n"
         "    return M().eval(), (torch.randn(1, 4, 8),)\n"
     )
@@ -296,7 +296,7 @@ def test_run_on_triton_records_fallbacks_that_inspect_shows(tmp_path, capsys):
     with pytest.warns(UserWarning, match="layer 'b' runs on the torch backend"):
         assert main(["run", str(bundle), "--backend", "triton", "--check"]) == 0
     out = capsys.readouterr().out
-    assert "fallback b: runs on the torch backend (only 1-d and 2-d convolutions have a Triton kernel)" in out
+    assert "fallback b: runs on the torch backend (dtype torch.float64)" in out
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "fallback (triton run): b ran on the torch backend" in out
