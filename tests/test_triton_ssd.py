@@ -155,3 +155,13 @@ def test_mamba2_model_runs_and_trains_on_the_chunked_kernels():
             torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5 * scale)
             checked.add(name.rsplit(".", 1)[-1])
     assert {"A_log", "D", "dt_bias"} <= checked
+
+
+def test_states_past_the_kernel_tiles_are_refused_with_a_reason():
+    """P·N above 64·128 would not compile on sm_90 (bench/compile_sm90.py): such layers go to torch with a reason."""
+    meta = dict(device="meta")
+    x, dt, a = torch.empty(1, 8, 2, 128, **meta), torch.empty(1, 8, 2, **meta), torch.empty(2, **meta)
+    big = torch.empty(1, 8, 1, 256, **meta)
+    assert "128×256" in ssd.supported(x, dt, a, big, big)
+    x, ok = torch.empty(1, 8, 2, 64, **meta), torch.empty(1, 8, 1, 128, **meta)
+    assert ssd.supported(x, dt, a, ok, ok) is None

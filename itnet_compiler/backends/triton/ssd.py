@@ -119,8 +119,9 @@ def supported(x, dt, A, B, C, *rest, **_: object) -> str | None:
         return "per-state decays (A [H, N], Mamba) have no chunked Triton kernel; the 'scan' lowering has one"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {x.dtype}"
-    if x.shape[-1] > 128 or B.shape[-1] > 256:
-        return f"head dim {x.shape[-1]} > 128 or state {B.shape[-1]} > 256 (one tile holds a chunk's state)"
+    p, n = x.shape[-1], B.shape[-1]
+    if p * n > 64 * 128:  # bench/compile_sm90.py: beyond this the backward tile runs out of registers on sm_90
+        return f"state {p}×{n} above 64×128 (one tile holds a chunk's state); the 'scan' lowering takes it"
     return None
 
 
