@@ -561,3 +561,12 @@ def test_real_models_run_under_every_applicable_lowering(case, prog, eager_out, 
         assert err <= tol, f"{case.name} under {kind}: relative error {err:.3g}"
     if kind == "montecarlo":
         assert set(mod.error_estimates) == {n.name for n in prog.transforms if n.family in specs}
+
+
+def test_cp_factors_live_on_the_weight_device():
+    """CP-ALS starts from CPU draws (the same numbers everywhere) but works where the weight is (meta: like cuda)."""
+    from itnet_compiler.backends.torch.lowrank_conv import cp_als
+
+    facs = cp_als(torch.empty(4, 3, 3, 3, dtype=torch.float64, device="meta"), rank=2, iters=1, seed=0)
+    assert [f.device.type for f in facs] == ["meta"] * 4
+    assert [tuple(f.shape) for f in facs] == [(4, 2), (3, 2), (3, 2), (3, 2)]

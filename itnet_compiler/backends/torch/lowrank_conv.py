@@ -123,15 +123,15 @@ def spatial_chain(dc: DirectConv, opts: ConvLowRankOptions, layer: str) -> ConvC
 
 def cp_als(t: torch.Tensor, rank: int, iters: int, seed: int) -> list[torch.Tensor]:
     """Factors [I_n, R] of every mode with t ≈ Σ_ρ ⊗_n F_n[:, ρ], by alternating least squares (float64)."""
-    gen = torch.Generator().manual_seed(seed)
-    facs = [torch.randn(n, rank, generator=gen, dtype=torch.float64) for n in t.shape]
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same start on every device
+    facs = [torch.randn(n, rank, generator=gen, dtype=torch.float64).to(t.device) for n in t.shape]
     for _ in range(iters):
         for n in range(t.dim()):
             others = [m for m in range(t.dim()) if m != n]
             kr = facs[others[0]]
             for m in others[1:]:
                 kr = (kr[:, None, :] * facs[m][None, :, :]).reshape(-1, rank)
-            gram = torch.ones(rank, rank, dtype=torch.float64)
+            gram = torch.ones(rank, rank, dtype=torch.float64, device=t.device)
             for m in others:
                 gram = gram * (facs[m].T @ facs[m])
             unfolded = t.movedim(n, 0).reshape(t.shape[n], -1)
