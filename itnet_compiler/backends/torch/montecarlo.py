@@ -226,13 +226,13 @@ def montecarlo_transform(
             y = _exact_rows(kernel, v, y, bad, i0)
             var = var.masked_fill(bad, 0.0)
         out[..., i0:i1, :] = y
-        var_sum += var.double().sum()
+        var_sum += var.detach().double().sum()  # the error estimate is a report: no autograd graph
     return out, estimate_error(var_sum, out, m, fallback)
 
 
 def estimate_error(var_sum: torch.Tensor, out: torch.Tensor, samples: int, fallback: int) -> ErrorEstimate:
     """The ``ErrorEstimate`` of an output from its summed per-row variances."""
-    err = math.sqrt(float(var_sum))
+    err = math.sqrt(float(var_sum.detach()))
     return ErrorEstimate(abs=err, rel=relative(err, out), samples=samples, fallback_rows=fallback)
 
 
@@ -240,7 +240,7 @@ def relative(err: float, estimate: torch.Tensor) -> float:
     """err / ‖y‖, with ‖y‖² estimated without bias as ‖ŷ‖² - err² (‖ŷ‖ alone is inflated by the very noise that
     ``err`` measures, which caps a naive ratio near 1); floored at ‖ŷ‖²/100, so an estimate that is mostly noise
     reads as at most 10·err/‖ŷ‖."""
-    sq = float(estimate.double().pow(2).sum())
+    sq = float(estimate.detach().double().pow(2).sum())
     return err / math.sqrt(max(sq - err * err, 0.01 * sq, 1e-300))
 
 
