@@ -213,3 +213,15 @@ def test_attention_past_the_kernel_grid_is_refused_with_a_reason():
     assert "65535" in tri_attn.supported(q, q, q, None)
     q = torch.empty(1023, 64, 8, 16, device="meta")  # 65472 programs on the axis
     assert tri_attn.supported(q, q, q, None) is None
+
+
+def test_a_half_precision_causal_mask_written_with_the_dtype_minimum_folds_to_causal():
+    """HF's float16 masks hold finfo(float16).min (-65504), not -inf: still nothing admitted, so still a support."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64, use_cache=False,
+                     attn_implementation="eager")  # fmt: skip
+    model = GPT2Model(cfg).eval().half()
+    ids = torch.randint(0, 100, (2, 12))
+    prog = itc.convert(model, (ids,))
+    assert [(t.attrs.support, t.attrs.mask) for t in prog.transforms] == [("causal", "none")]
+    assert _rel(itc.build(prog)(ids).last_hidden_state, model(ids).last_hidden_state) <= 2e-3

@@ -103,12 +103,18 @@ def _pairs(v: Value) -> int:
     return n
 
 
+def _dropped(mask: torch.Tensor) -> torch.Tensor:
+    """Additive entries that admit nothing: -inf, anything at or below -1e30, or the dtype's lowest value (HF's float16
+    masks hold -65504, which no logit of a real model offsets: its exp is 0 in every precision)."""
+    return (mask <= _DROPPED) | (mask == torch.finfo(mask.dtype).min)
+
+
 def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor) -> str | None:
     """The support equal to (mask and the layer's support), if it is full, causal or a window; else None."""
     lq, lk = (int(d) for d in tensor_type(node.kwargs["q"]).shape[2:3] + tensor_type(node.kwargs["k"]).shape[2:3])
     if mask.dtype == torch.bool:
         keep = mask
-    elif mask.is_floating_point() and bool(((mask == 0) | (mask <= _DROPPED)).all()):
+    elif mask.is_floating_point() and bool(((mask == 0) | _dropped(mask)).all()):
         keep = mask == 0
     else:
         return None
