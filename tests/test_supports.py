@@ -55,6 +55,7 @@ WINDOW_CASES = [
     (1, 2, 2, 40, 40, 16, 3, "bool"),
     (1, 1, 1, 33, 33, 16, 100, "additive"),
     (1, 2, 2, 20, 45, 16, 7, None),  # fewer rows than columns: top-left aligned like SDPA's is_causal
+    (1, 1, 1, 30, 8, 16, 3, None),  # rows past L_k + r - 1 admit no column: output 0, finite gradients
 ]
 
 
@@ -155,8 +156,15 @@ output %o
         itc.parse(text)
     prog = itc.parse(text.replace("window(0)", "window(3)"))
     assert prog.transforms[0].attrs.window == 3 and itc.parse(str(prog)).transforms[0].attrs.window == 3
-    # the cost model counts the window's work: 8 rows × min(8, 3) columns, not the causal triangle
-    assert int(prog.transforms[0].attrs.flops(prog.transforms[0])) == 2 * 2 * 8 * 3 * (4 + 4)
+    # the cost model counts the window's work: the pairs it admits, counted one by one
+    pairs = int(_window_mask(8, 8, 3).sum())
+    assert int(prog.transforms[0].attrs.flops(prog.transforms[0])) == 2 * 2 * pairs * (4 + 4)
+    from itnet_compiler.ir.cost import cost_of
+
+    node = prog.transforms[0]
+    assert float(cost_of(node, "fused").flops) < float(cost_of(node, "library").flops)  # SDPA computes every pair
+    wide = prog.transforms[0].attrs.replace(support="window(100)")  # wider than the sequence: the causal triangle
+    assert int(wide.flops(prog.transforms[0])) == 2 * 2 * int(_window_mask(8, 8, 100).sum()) * (4 + 4)
 
 
 def _mistral(window: int):
@@ -225,3 +233,58 @@ def test_a_half_precision_causal_mask_written_with_the_dtype_minimum_folds_to_ca
     prog = itc.convert(model, (ids,))
     assert [(t.attrs.support, t.attrs.mask) for t in prog.transforms] == [("causal", "none")]
     assert _rel(itc.build(prog)(ids).last_hidden_state, model(ids).last_hidden_state) <= 2e-3
+
+
+class _InPlaceMask(torch.nn.Module):
+    """A constant mask written through a view (``m[:, 3:] = False`` exports as a slice and a ``fill_``)."""
+
+    def forward(self, q, k, v):
+        m = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
+        m[:, 3:] = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+class _BufferMask(torch.nn.Module):
+    """A causal mask kept in a buffer: ``load_state_dict`` may replace it, so it must stay a mask input."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("keep", torch.ones(n, n, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.keep)
+
+
+def test_masks_written_in_place_or_kept_in_buffers_are_not_folded():
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    model = _InPlaceMask()
+    prog = itc.convert(model, (q, k, v))
+    assert prog.transforms[0].attrs.mask == "bool"
+    assert _rel(itc.build(prog)(q, k, v), model(q, k, v)) <= 1e-6
+    model = _BufferMask(8)
+    mod = itc.build(itc.convert(model, (q, k, v)))
+    assert mod.program.transforms[0].attrs.mask == "bool"
+    full = {"keep": torch.ones(8, 8, dtype=torch.bool)}
+    model.load_state_dict(full)
+    mod.gm.load_state_dict(full)
+    assert _rel(mod(q, k, v), model(q, k, v)) <= 1e-6
+
+
+class _Memory(torch.nn.Module):
+    """Queries of a dynamic length attend to a fixed memory under a constant [1, 6] mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem = torch.nn.Parameter(torch.randn(1, 2, 6, 4))
+
+    def forward(self, q):
+        keep = torch.ones(1, 6, dtype=torch.bool)
+        return F.scaled_dot_product_attention(q, self.mem, self.mem, attn_mask=keep)
+
+
+def test_a_constant_mask_over_a_dynamic_length_converts_and_stays_exact():
+    model = _Memory()
+    q = torch.randn(1, 2, 5, 4)
+    prog = itc.convert(model, (q,), dynamic_shapes=({2: torch.export.Dim("L", min=2, max=64)},))
+    q2 = torch.randn(1, 2, 9, 4)
+    assert _rel(itc.build(prog)(q2), model(q2)) <= 1e-6

@@ -125,7 +125,7 @@ class _Attn:
     io: sympy.Expr  # bytes of q, k, v, mask and the output
     e: int
     causal: bool
-    keep: sympy.Expr  # the share of (i, j) pairs the support admits: 1, 1/2 (causal), min(L_k, r)/L_k (window(r))
+    keep: sympy.Expr  # the share of (i, j) pairs the support admits: 1, 1/2 (causal), exact count for window(r)
 
 
 def _attn(node: Node) -> _Attn:
@@ -139,7 +139,7 @@ def _attn(node: Node) -> _Attn:
         io += _bytes(mask)
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    keep = sympy.Min(lk, a.window) / lk if a.window else (sympy.Rational(1, 2) if a.causal else sympy.Integer(1))
+    keep = a.window_pairs(lq) / (lq * lk) if a.window else (sympy.Rational(1, 2) if a.causal else sympy.Integer(1))
     return _Attn(b * h, lq, lk, d, v.shape[3], io, _itemsize(q), a.causal, keep)
 
 
@@ -158,6 +158,8 @@ def _(node, opts, tensors):
     s = _attn(node)
     if node.attrs.return_weights:
         return Cost(_softmax_flops(s), s.io + 4 * s.e * s.bh * s.lq * s.lk, sympy.Integer(0))
+    if node.attrs.window:  # SDPA has no window: it gets an N² bool mask and computes every pair
+        return Cost(_softmax_flops(s), s.io + s.lq * s.lk, sympy.Integer(0))
     flops = _softmax_flops(s) * s.keep
     return Cost(flops, s.io, sympy.Integer(0))
 

@@ -240,6 +240,12 @@ class DotExpAttrs(FamilyAttrs):
         m = _WINDOW.fullmatch(self.support)
         return int(m.group(1)) if m else 0
 
+    def window_pairs(self, lq: sympy.Expr) -> sympy.Expr:
+        """(i, j) pairs a window(r) support admits over L_q rows: Σ_i min(i + 1, r) = m·L_q - m(m-1)/2, m = min(r, L_q)
+        (top-left aligned, L_k >= L_q)."""
+        m = sympy.Min(self.window, lq)
+        return m * lq - m * (m - 1) / 2
+
     def check(self, node: Node) -> None:
         super().check(node)
         if self.support not in ("full", "causal") and not self.window:
@@ -273,7 +279,7 @@ class DotExpAttrs(FamilyAttrs):
         b, h, lq, d = q.shape
         lk, dv = v.shape[2], v.shape[3]
         if self.window:
-            return 2 * b * h * lq * sympy.Min(lk, self.window) * (d + dv)
+            return 2 * b * h * self.window_pairs(lq) * (d + dv)
         full = 2 * b * h * lq * lk * (d + dv)
         return full / 2 if self.causal else full
 

@@ -5,8 +5,9 @@ logic of transformers' mask builders) at static sizes is evaluated once, here. W
 the layer's own support, is exactly everything, the causal triangle, or a causal sliding window of r columns, and
 the same for every batch entry and head, the mask input is dropped and the support says so (``full``, ``causal`` or
 ``window(r)``). Kernels then skip what the support rules out without reading a mask, and the cost model counts the
-real work. Everything else is left as it is: masks that read program inputs or parameters (padding masks), symbolic
-sizes, ops with random or uninitialised results, other patterns, and masks too large to evaluate.
+real work. Everything else is left as it is: masks that read program inputs, parameters or buffers (padding masks;
+a buffer can be replaced by ``load_state_dict``), masks that anything writes into in place (through a view or
+directly), symbolic sizes, ops with random or uninitialised results, other patterns, and masks too large to evaluate.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..ir.ops import resolve_op
 from ..ir.types import TensorType
 
 # Ops whose result is not a function of their inputs.
-_NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial", "exponential")
+_NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial", "exponential",
+                     "cauchy", "geometric", "poisson", "rrelu")  # fmt: skip
 _MAX_PAIRS = 1 << 26  # larger constant masks stay masks: evaluating them costs more than it saves at compile time
 _DROPPED = -1e30  # additive entries at or below this admit nothing (HF writes finfo.min, SDPA users -inf)
 
@@ -60,8 +62,8 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
             continue
         seen.add(id(v))
         if id(v) in weights:
-            if weights[id(v)].kind == "param" or weights[id(v)].key not in prog.tensors:
-                return None
+            if weights[id(v)].kind != "const" or weights[id(v)].key not in prog.tensors:
+                return None  # parameters and buffers belong to the state dict: they may be loaded anew
             continue
         node = producers.get(id(v))
         if node is None or node.is_transform or not _static(v):
@@ -70,10 +72,12 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
             return None
         needed.append(node)
         stack.extend(node.input_values())
-    if _pairs(target) > _MAX_PAIRS:
+    if _pairs(target) > _MAX_PAIRS or _written(prog, seen):
         return None
     order = {id(n): i for i, n in enumerate(prog.nodes)}
-    env: dict[int, object] = {id(w.value): prog.tensors[w.key] for w in prog.weights if id(w.value) in seen}
+    # CPU copies: evaluation never touches the program's own tensors, wherever they live
+    env: dict[int, object] = {id(w.value): prog.tensors[w.key].to("cpu", copy=True)
+                              for w in prog.weights if id(w.value) in seen}  # fmt: skip
 
     def arg(a: object) -> object:
         if isinstance(a, Value):
@@ -96,6 +100,32 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
     return result if isinstance(result, torch.Tensor) else None
 
 
+def _schema(op: str) -> torch.FunctionSchema | None:
+    try:
+        fn = resolve_op(op)
+    except ValueError:
+        return None
+    return getattr(fn, "_schema", None)
+
+
+def _written(prog: Program, values: set[int]) -> bool:
+    """Whether any node writes in place into one of ``values`` or into a view of one (``m[:, 3:] = x`` exports as a
+    slice and a ``fill_`` / ``copy_`` of it, which the mask value's producers never show)."""
+    aliases = set(values)
+    for node in prog.nodes:
+        schema = _schema(node.op)
+        if schema is None:
+            continue
+        args = list(node.args) + [node.kwargs.get(a.name) for a in schema.arguments[len(node.args) :]]
+        for a, arg in zip(schema.arguments, args, strict=False):
+            info = a.alias_info
+            if info is not None and info.is_write and isinstance(arg, Value) and id(arg) in aliases:
+                return True
+        if any(r.alias_info is not None for r in schema.returns) and any(id(v) in aliases for v in node.input_values()):
+            aliases.update(id(v) for v in node.outputs)  # a view shares its base's memory
+    return False
+
+
 def _pairs(v: Value) -> int:
     n = 1
     for d in tensor_type(v).shape:
@@ -111,7 +141,11 @@ def _dropped(mask: torch.Tensor) -> torch.Tensor:
 
 def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor) -> str | None:
     """The support equal to (mask and the layer's support), if it is full, causal or a window; else None."""
-    lq, lk = (int(d) for d in tensor_type(node.kwargs["q"]).shape[2:3] + tensor_type(node.kwargs["k"]).shape[2:3])
+    sizes = (tensor_type(node.kwargs["q"]).shape[2], tensor_type(node.kwargs["k"]).shape[2])
+    if not all(getattr(d, "is_Integer", False) or isinstance(d, int) for d in sizes):
+        return None  # a constant mask broadcast over a symbolic length
+    lq, lk = (int(d) for d in sizes)
+    mask = mask.cpu()
     if mask.dtype == torch.bool:
         keep = mask
     elif mask.is_floating_point() and bool(((mask == 0) | _dropped(mask)).all()):

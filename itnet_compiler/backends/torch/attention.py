@@ -48,7 +48,7 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window
         s = s + bias
     if causal:
         s = s.masked_fill(~support_keep(*s.shape[-2:], window, s.device), float("-inf"))
-    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None else None
+    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None or window else None
     if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns (finite gradients)
         s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1)

@@ -176,12 +176,12 @@ class TritonBuild:
         ref, static = _torch_impl(node)
         # The fallback keeps the spec's options that the torch lowering takes too (chunked:chunk=32).
         ref_opts = {k: v for k, v in opts.items() if k in OPTIONS.get((node.family, name), set())}
-        ref = functools.partial(ref, **ref_opts) if ref_opts else ref
         entry = KERNELS.get((node.family, name))
-        if entry is None:
+        if entry is None:  # the torch lowering is the call target itself: its options travel as static kwargs
             if name not in TORCH_BY_DESIGN:
                 self.fall_back(node.layer, f"no Triton kernel for {node.family} lowering '{name}'")
-            return ref, static
+            return ref, {**static, **ref_opts}
+        ref = functools.partial(ref, **ref_opts) if ref_opts else ref
         kernel, check, known = entry(node)
         bad = set(opts) - known
         if bad:
