@@ -110,7 +110,7 @@ def conv_montecarlo_direct(dc: DirectConv, opts: MonteCarloOptions, layer: str, 
             y.index_add_(0, rows, z * (c[rows, None].to(y.dtype) / m))
             sumsq.index_add_(0, rows, c[rows] * z.double().pow(2).sum(1))
         else:
-            z = _apply_tap(xt, wt) / float(q[ti])
+            z = _apply_tap(xt, wt) / float(q[ti].detach())  # shared mode: 1/q is a constant of the estimate
             y += z * (float(c) / m)
             sumsq += float(c) * z.double().pow(2).sum(1)
     var = (sumsq - m * y.double().pow(2).sum(1)).clamp_min(0.0) / (m * (m - 1))
