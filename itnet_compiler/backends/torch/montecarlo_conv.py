@@ -115,7 +115,7 @@ def conv_montecarlo_direct(dc: DirectConv, opts: MonteCarloOptions, layer: str, 
             sumsq += float(c) * z.double().pow(2).sum(1)
     var = (sumsq - m * y.double().pow(2).sum(1)).clamp_min(0.0) / (m * (m - 1))
     out = y.reshape(dc.x.shape[0], *dc.out_size, -1).movedim(-1, 1)
-    return out, float(var.sum())
+    return out, float(var.detach().sum())  # the error estimate is a report, not part of the graph
 
 
 def conv_montecarlo(
