@@ -288,3 +288,23 @@ def test_a_constant_mask_over_a_dynamic_length_converts_and_stays_exact():
     prog = itc.convert(model, (q,), dynamic_shapes=({2: torch.export.Dim("L", min=2, max=64)},))
     q2 = torch.randn(1, 2, 9, 4)
     assert _rel(itc.build(prog)(q2), model(q2)) <= 1e-6
+
+
+class _UnbindMask(torch.nn.Module):
+    """A mask taken from a one-element ``unbind`` (a list-returning op with a single IR output)."""
+
+    def forward(self, q, k, v, pad):
+        i = torch.arange(q.shape[2])
+        causal = (i[None, :] <= i[:, None])[None].unbind(0)[0]
+        m = (causal & pad[:, None, None, :])[None].unbind(0)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+def test_a_mask_from_a_single_element_unbind_builds_and_matches_eager():
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[1, 6:] = False
+    model = _UnbindMask()
+    prog = itc.convert(model, (q, k, v, pad))
+    assert prog.transforms[0].attrs.mask == "bool"  # it reads an input: stays a mask
+    assert _rel(itc.build(prog)(q, k, v, pad), model(q, k, v, pad)) <= 1e-6

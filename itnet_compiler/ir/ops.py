@@ -47,3 +47,16 @@ def resolve_op(op: str) -> Callable[..., object]:
         return getattr(packet, parts[1])
     except (AttributeError, RuntimeError):
         raise ValueError(f"unknown op {op!r}") from None
+
+
+def returns_list(op: str) -> bool:
+    """Whether a generic op returns several values (a tuple, or a ``Tensor[]`` such as ``unbind``, ``split``): its IR
+    outputs are then the elements, even when there is only one."""
+    try:
+        fn = resolve_op(op)
+    except ValueError:
+        return False
+    if not isinstance(fn, torch._ops.OpOverload):
+        return False
+    rets = fn._schema.returns
+    return len(rets) > 1 or (len(rets) == 1 and isinstance(rets[0].type, torch.ListType))

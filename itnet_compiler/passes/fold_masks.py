@@ -16,7 +16,7 @@ import torch
 
 from ..ir.core import Node, Program, Value, tensor_type
 from ..ir.families import DotExpAttrs
-from ..ir.ops import resolve_op
+from ..ir.ops import resolve_op, returns_list
 from ..ir.types import TensorType
 
 # Ops whose result is not a function of their inputs.
@@ -91,7 +91,7 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
     try:
         for node in sorted(set(needed), key=lambda n: order[id(n)]):
             out = resolve_op(node.op)(*[arg(a) for a in node.args], **{k: arg(a) for k, a in node.kwargs.items()})
-            outs = [out] if len(node.outputs) == 1 else list(out)  # type: ignore[arg-type]
+            outs = list(out) if returns_list(node.op) or len(node.outputs) > 1 else [out]  # type: ignore[arg-type]
             for v, o in zip(node.outputs, outs, strict=True):
                 env[id(v)] = o
     except (RuntimeError, ValueError, TypeError):

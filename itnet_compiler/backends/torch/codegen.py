@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from ...errors import ItnetError
 from ...ir import treespec
 from ...ir.core import Node, Program, Value
-from ...ir.ops import resolve_op
+from ...ir.ops import resolve_op, returns_list
 from ...ir.types import DTYPE_NAMES, TensorType
 from .lowerings import implementation
 from .runtime import RuntimeState
@@ -107,13 +107,7 @@ def _leaves(a: object) -> list[object]:
 
 
 def _returns_list(node) -> bool:
-    if node.is_transform:
-        return len(node.outputs) > 1
-    fn = resolve_op(node.op)
-    if not isinstance(fn, torch._ops.OpOverload):
-        return False
-    rets = fn._schema.returns
-    return len(rets) > 1 or (len(rets) == 1 and str(rets[0].type).endswith("[]"))
+    return len(node.outputs) > 1 if node.is_transform else returns_list(node.op)
 
 
 class ItnetModule(torch.nn.Module):
