@@ -17,7 +17,7 @@ import torch
 from ..ir.core import Node, Program, Value, tensor_type
 from ..ir.families import DotExpAttrs
 from ..ir.ops import resolve_op, returns_list
-from ..ir.types import TensorType
+from ..ir.types import TensorType, free_symbols, numel
 
 # Ops whose result is not a function of their inputs.
 _NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial", "exponential",
@@ -47,8 +47,7 @@ def fold_masks(prog: Program) -> Program:
 
 
 def _static(v: Value) -> bool:
-    t = v.type
-    return isinstance(t, TensorType) and all(getattr(d, "is_Integer", False) or isinstance(d, int) for d in t.shape)
+    return isinstance(v.type, TensorType) and not free_symbols(v.type)
 
 
 def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights: dict) -> torch.Tensor | None:
@@ -72,7 +71,7 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
             return None
         needed.append(node)
         stack.extend(node.input_values())
-    if _pairs(target) > _MAX_PAIRS or _written(prog, seen):
+    if int(numel(tensor_type(target))) > _MAX_PAIRS or _written(prog, seen):
         return None
     order = {id(n): i for i, n in enumerate(prog.nodes)}
     # CPU copies: evaluation never touches the program's own tensors, wherever they live
@@ -126,13 +125,6 @@ def _written(prog: Program, values: set[int]) -> bool:
     return False
 
 
-def _pairs(v: Value) -> int:
-    n = 1
-    for d in tensor_type(v).shape:
-        n *= int(d)
-    return n
-
-
 def _dropped(mask: torch.Tensor) -> torch.Tensor:
     """Additive entries that admit nothing: -inf, anything at or below -1e30, or the dtype's lowest value (HF's float16
     masks hold -65504, which no logit of a real model offsets: its exp is 0 in every precision)."""
@@ -142,7 +134,7 @@ def _dropped(mask: torch.Tensor) -> torch.Tensor:
 def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor) -> str | None:
     """The support equal to (mask and the layer's support), if it is full, causal or a window; else None."""
     sizes = (tensor_type(node.kwargs["q"]).shape[2], tensor_type(node.kwargs["k"]).shape[2])
-    if not all(getattr(d, "is_Integer", False) or isinstance(d, int) for d in sizes):
+    if not all(d.is_Integer for d in sizes):
         return None  # a constant mask broadcast over a symbolic length
     lq, lk = (int(d) for d in sizes)
     mask = mask.cpu()

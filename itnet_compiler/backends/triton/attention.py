@@ -195,6 +195,22 @@ class _FusedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads in every dot_exp kernel) takes on CUDA
+INDEX_LIMIT = 2**31  # offsets inside one (batch, head) slice are 32-bit (the slices' bases are 64-bit)
+
+
+def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The layout checks of the dot_exp kernels that read K/V per query head from [batch, heads, rows, dim] inputs,
+    one (batch, head) per program row (montecarlo, lowrank); None when the layout fits."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"ranks {q.dim()}, {k.dim()}, {v.dim()} of q, k, v (the kernels take [batch, heads, rows, dim])"
+    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
+        return "key/value batch or heads that do not match the query's (the kernels index them per query head)"
+    if q.shape[0] * q.shape[1] > GRID_Y:
+        return f"batch × heads above {GRID_Y} (the launch grid's second axis)"
+    return None
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
     if q.shape[-1] != v.shape[-1]:
@@ -205,8 +221,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return "the additive mask needs a gradient"
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
-    if q.shape[0] * q.shape[1] > 65535:
-        return "batch × heads above 65535 (the kernels' grid axis)"
+    if q.shape[0] * q.shape[1] > GRID_Y:
+        return f"batch × heads above {GRID_Y} (the kernels' grid axis)"
     return None
 
 

@@ -32,10 +32,9 @@ from ..torch.lowrank import LowRankOptions, fit_features
 from ..torch.pairkernel import DotExpKernel, expand_kv, orthogonal_gaussian
 from ..torch.runtime import cached
 from . import loader
+from .attention import INDEX_LIMIT, layout_reason
 from .templates import lowrank as templates
 
-GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads here) takes on CUDA
-INDEX_LIMIT = 2**31  # offsets inside one (batch, head) slice are 32-bit (the slices' bases are 64-bit)
 TUNING = ("block_m", "block_n", "block_d", "split", "num_warps")
 OPTIONS = (*LOWRANK_OPTIONS, *TUNING)
 
@@ -235,12 +234,9 @@ def supported(q, k, v, mask=None, *, rank: int = LowRankOptions.rank, return_wei
     """Why the kernels cannot take these inputs, or None when they can."""
     if return_weights:
         return "the layer returns its attention weights"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"ranks {q.dim()}, {k.dim()}, {v.dim()} of q, k, v (the kernels take [batch, heads, rows, dim])"
-    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
-        return "key/value batch or heads that do not match the query's (the kernels index them per query head)"
-    if q.shape[0] * q.shape[1] > GRID_Y:
-        return f"batch × heads above {GRID_Y} (the launch grid's second axis)"
+    reason = layout_reason(q, k, v)
+    if reason is not None:
+        return reason
     if max(q.shape[2], k.shape[2]) * max(q.shape[-1], v.shape[-1], rank) >= INDEX_LIMIT:
         return "a (batch, head) slice of 2³¹ elements or more (the kernels index inside one with 32-bit offsets)"
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -22,6 +22,7 @@ from ..torch.montecarlo import MonteCarloOptions, _exact_rows, draw, estimate_er
 from ..torch.pairkernel import DotExpKernel, expand_kv
 from ..torch.runtime import report_error
 from . import loader
+from .attention import INDEX_LIMIT, layout_reason
 from .templates.montecarlo import DOT_EXP_SAMPLED, MONTECARLO
 
 
@@ -153,10 +154,6 @@ class _MonteCarlo(torch.autograd.Function):
         return dq, dk, dv, dlq, None, None, None, None, None, None, None
 
 
-GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads here) takes on CUDA
-INDEX_LIMIT = 2**31  # offsets inside one (batch, head) slice are 32-bit (the slices' bases are 64-bit)
-
-
 def _slice_extent(t: torch.Tensor) -> int:
     """Elements one slice of the last two dims spans through its strides (a bool mask becomes a contiguous bias)."""
     if t.dtype == torch.bool:
@@ -166,12 +163,9 @@ def _slice_extent(t: torch.Tensor) -> int:
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
     """Why the kernels cannot take these inputs, or None when they can."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"ranks {q.dim()}, {k.dim()}, {v.dim()} of q, k, v (the kernels take [batch, heads, rows, dim])"
-    if k.shape[:2] != v.shape[:2] or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]:
-        return "key/value batch or heads that do not match the query's (the kernels index them per query head)"
-    if q.shape[0] * q.shape[1] > GRID_Y:
-        return f"batch × heads above {GRID_Y} (the launch grid's second axis)"
+    reason = layout_reason(q, k, v)
+    if reason is not None:
+        return reason
     slices = [_slice_extent(t) for t in (q, k, v) + ((mask,) if mask is not None else ())]
     if max(*slices, max(q.shape[2], k.shape[2]) * q.shape[-1]) >= INDEX_LIMIT:
         return "a (batch, head) slice of 2³¹ elements or more (the kernels index inside one with 32-bit offsets)"
