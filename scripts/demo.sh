@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 mkdir -p out
-python3 cli.py convert hf:BertModel --config examples/bert_small.json --dynamic input_ids:1=seq:2:128 -o out/bert.itir
-python3 cli.py inspect out/bert.itir
-python3 cli.py run out/bert.itir --check
-python3 cli.py run out/bert.itir --check --lowering '*=fused'
+.venv/bin/python cli.py convert hf:BertModel --config examples/bert_small.json --dynamic input_ids:1=seq:2:128 -o out/bert.itir
+.venv/bin/python cli.py inspect out/bert.itir
+.venv/bin/python cli.py run out/bert.itir --check
+.venv/bin/python cli.py run out/bert.itir --check --lowering '*=fused'

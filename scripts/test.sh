@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRITON_INTERPRET=1
-exec python3 -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q "$@"
