@@ -3,7 +3,8 @@
     itnet convert SPEC -o m.itir [--input name:shape:dtype ...] [--dynamic name:dim[=symbol[:min:max]] ...]
                                  [--config cfg.json] [--seed N]
     itnet inspect m.itir [--cost]
-    itnet run m.itir [--check] [--plan plan.json] [--lowering 'glob=spec' ...] [--input ...] [--seed N] [--tol T]
+    itnet run m.itir [--check (--source SPEC | --trust-source)] [--plan plan.json] [--lowering 'glob=spec' ...]
+                     [--input ...] [--seed N] [--tol T]
 
 SPEC is ``path/file.py:factory``, ``package.module:factory`` or ``hf:ModelClass`` (with ``--config config.json``).
 A user mistake is one line on stderr (``itnet: error: ...``) and a non-zero exit; ``ITNET_DEBUG=1`` adds the traceback.
@@ -189,11 +190,7 @@ def _load_bundle(path: str) -> Program:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     prog = _load_bundle(ns.bundle)
-    source = specs.Source.from_json(prog.meta["source"]) if "source" in prog.meta else None
-    if ns.check and source is None:
-        raise ItnetError(
-            f"{ns.bundle} records no source model (it was not written by itnet convert); run it without --check"
-        )
+    source = _check_source(ns, prog) if ns.check else None
     plan = _plan(ns)
     t0 = time.perf_counter()
     module = build(prog, backend=ns.backend, plan=plan, error_budget=ns.error_budget)
@@ -221,6 +218,31 @@ def cmd_run(ns: argparse.Namespace) -> int:
     assert source is not None
     ref = _reference_outputs(prog, source, args, kwargs)
     return _compare(leaves, pytree.tree_leaves(ref), ns.tol)
+
+
+def _check_source(ns: argparse.Namespace, prog: Program) -> specs.Source:
+    """The model ``--check`` compares against. Rebuilding it imports and runs code, so it is never taken silently from
+    the bundle: the user names it (``--source SPEC``) or says the bundle's own record is trusted (``--trust-source``).
+    With ``--source``, only data is taken from the bundle (example-input specs, dynamic sizes, seed, config)."""
+    recorded = specs.Source.from_json(prog.meta["source"]) if "source" in prog.meta else None
+    if ns.source is None and not ns.trust_source:
+        what = f"the model {recorded.spec!r}" if recorded is not None else "no source model"
+        raise ItnetError(
+            f"{ns.bundle} records {what}; --check rebuilds the source model by running its code, so name it with "
+            "--source SPEC [--config cfg.json], or pass --trust-source if you made this bundle yourself"
+        )
+    if ns.source is None:
+        if recorded is None:
+            raise ItnetError(
+                f"{ns.bundle} records no source model (it was not written by itnet convert); name it with --source SPEC"
+            )
+        return recorded
+    base = recorded or specs.Source(spec=ns.source)
+    cfg = specs.read_config(ns.config) if ns.config else base.config
+    return specs.Source(
+        spec=ns.source, config=cfg, inputs=list(base.inputs), dynamic=list(base.dynamic), seed=base.seed,
+        ranges=dict(base.ranges),
+    )  # fmt: skip
 
 
 def _record_fallbacks(bundle: str, fallbacks: dict[str, str]) -> None:
@@ -390,7 +412,20 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="build and run a bundle on random inputs (and --check it against the source)")
     p.add_argument("bundle", metavar="BUNDLE")
-    p.add_argument("--check", action="store_true", help="compare with the source model rebuilt from the bundle")
+    p.add_argument(
+        "--check", action="store_true", help="compare with the source model (needs --source or --trust-source)"
+    )
+    p.add_argument(
+        "--source",
+        metavar="SPEC",
+        help="the source model for --check: path/file.py:factory, module:factory or hf:Class",
+    )
+    p.add_argument("--config", help="JSON config for --source (default: the one the bundle records)")
+    p.add_argument(
+        "--trust-source",
+        action="store_true",
+        help="let --check rebuild the source model the bundle records (runs its code: only for bundles you made)",
+    )
     p.add_argument("--plan", help="JSON plan: layer glob -> lowering spec")
     p.add_argument(
         "--lowering",
@@ -421,12 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``itnet`` console script; returns the exit status."""
     parser = _parser()
     try:
-        ns = parser.parse_args(argv)
+        try:
+            ns = parser.parse_args(argv)
+        except SystemExit as e:  # --help
+            return e.code if isinstance(e.code, int) else 0
         if getattr(ns, "func", None) is None:
             raise _UsageError("choose a command: convert, inspect or run (see itnet --help)")
         return ns.func(ns)
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     except ItnetError as e:

@@ -9,13 +9,19 @@ class ItnetError(Exception):
     def __init__(self, message: str, *, layer: str | None = None, op: str | None = None):
         parts = []
         if layer:
-            parts.append(f"layer '{layer}'")
+            parts.append(f"layer '{_escaped(layer)}'")
         if op:
-            parts.append(f"op `{op}`")
+            parts.append(f"op `{_escaped(op)}`")
         prefix = (", ".join(parts) + ": ") if parts else ""
         super().__init__(prefix + " ".join(message.split()))
         self.layer = layer
         self.op = op
+
+
+def _escaped(name: str) -> str:
+    """A name as one line: control characters (a newline in a layer name from a hostile bundle) escaped."""
+    name = str(name)
+    return name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
 
 
 class ParseError(ItnetError):

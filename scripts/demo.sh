@@ -8,5 +8,5 @@ export HF_HUB_OFFLINE=1
 mkdir -p out
 .venv/bin/python cli.py convert hf:BertModel --config examples/bert_small.json --dynamic input_ids:1=seq:2:128 -o out/bert.itir
 .venv/bin/python cli.py inspect out/bert.itir
-.venv/bin/python cli.py run out/bert.itir --check
-.venv/bin/python cli.py run out/bert.itir --check --lowering '*=fused'
+.venv/bin/python cli.py run out/bert.itir --check --trust-source
+.venv/bin/python cli.py run out/bert.itir --check --trust-source --lowering '*=fused'

@@ -119,7 +119,7 @@ def test_inspect_cnn_lists_layers_families_and_generic_ops(
 
 
 def test_run_check_cnn(cnn_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "run", cnn_bundle, "--check", "--lowering", "*=dense", "--seed", "3")
+    code, out, _ = run_cli(capsys, "run", cnn_bundle, "--check", "--trust-source", "--lowering", "*=dense", "--seed", "3")
     assert code == 0
     assert "10 dense" in out and "output 0: f32[2, 10]" in out
     assert max_rel_error(out) < 1e-5
@@ -136,7 +136,7 @@ def test_hf_bert_convert_inspect_run(bert_bundle: Path, capsys: pytest.CaptureFi
         assert re.search(rf"encoder\.layer\.{i}\.attention\.self\s+│ dot_exp", out)
     assert "seq[seq]←seq[seq]" in out and "256*seq**2" in out and "seq in [0, 64]" in out
     assert "aten.linear.default" in out and "aten.layer_norm.default" in out
-    code, out, err = run_cli(capsys, "run", bert_bundle, "--check", "--input", "input_ids:2x24:int64")
+    code, out, err = run_cli(capsys, "run", bert_bundle, "--check", "--trust-source", "--input", "input_ids:2x24:int64")
     assert code == 0, err
     assert "output 0: f32[2, 24, 32]" in out
     assert max_rel_error(out) < 1e-5
@@ -150,7 +150,7 @@ def test_module_spec_with_symbolic_input(tmp_path: Path, monkeypatch, capsys: py
     code, out, err = run_cli(capsys, *argv, "--dynamic", "x:2=seq:4:128")
     assert code == 0, err
     assert "1 stationary" in out and "seq in [4, 128]" in out
-    code, out, err = run_cli(capsys, "run", out_dir, "--check")
+    code, out, err = run_cli(capsys, "run", out_dir, "--check", "--trust-source")
     assert code == 0, err
     assert "output 0: f32[2, 24, 2]" in out and max_rel_error(out) < 1e-5
 
@@ -163,7 +163,7 @@ def test_file_spec_config_is_passed_to_the_factory(
     out_dir = tmp_path / "small.itir"
     code, _, err = run_cli(capsys, "convert", f"{small_file}:make", "--config", cfg, "-o", out_dir)
     assert code == 0, err
-    code, out, err = run_cli(capsys, "run", out_dir, "--check")
+    code, out, err = run_cli(capsys, "run", out_dir, "--check", "--trust-source")
     assert code == 0, err
     assert "output 0: f32[2, 20, 2]" in out and max_rel_error(out) < 1e-5
 
@@ -185,7 +185,7 @@ def test_check_detects_a_wrong_program(cnn_bundle: Path, tmp_path: Path, capsys:
     text = (bad / "program.itir").read_text()
     assert "aten.relu.default" in text
     (bad / "program.itir").write_text(text.replace("aten.relu.default", "aten.gelu.default", 1))
-    code, _, err = run_cli(capsys, "run", bad, "--check")
+    code, _, err = run_cli(capsys, "run", bad, "--check", "--trust-source")
     assert_one_line_error(code, err, "max relative error")
 
 
@@ -270,7 +270,7 @@ def test_check_without_source_meta(tmp_path: Path, capsys: pytest.CaptureFixture
     code, out, err = run_cli(capsys, "run", bundle)
     assert code == 0, err
     assert "output 0: f32[1, 3, 6, 6]" in out
-    code, _, err = run_cli(capsys, "run", bundle, "--check")
+    code, _, err = run_cli(capsys, "run", bundle, "--check", "--trust-source")
     assert_one_line_error(code, err, "records no source model")
 
 
@@ -294,7 +294,7 @@ def test_run_on_triton_records_fallbacks_that_inspect_shows(tmp_path, capsys):
     assert main(["convert", spec, "-o", str(bundle)]) == 0
     capsys.readouterr()
     with pytest.warns(UserWarning, match="layer 'b' runs on the torch backend"):
-        assert main(["run", str(bundle), "--backend", "triton", "--check"]) == 0
+        assert main(["run", str(bundle), "--backend", "triton", "--check", "--trust-source"]) == 0
     out = capsys.readouterr().out
     assert "fallback b: runs on the torch backend (dtype torch.float64)" in out
     assert main(["inspect", str(bundle)]) == 0

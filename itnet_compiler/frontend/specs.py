@@ -77,9 +77,24 @@ class Source:
 
     @classmethod
     def from_json(cls, data: object) -> Source:
+        """A source recorded in a bundle's meta.json, every field type-checked (it is data from a file)."""
+        bad = "the bundle's meta.json has a malformed 'source' entry"
         if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
-            raise ItnetError("the bundle's meta.json has a malformed 'source' entry; re-run itnet convert")
+            raise ItnetError(f"{bad}; re-run itnet convert")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        checks = {
+            "config": lambda v: v is None or isinstance(v, dict),
+            "config_path": lambda v: v is None or isinstance(v, str),
+            "inputs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "dynamic": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63,
+            "path": lambda v: v is None or isinstance(v, str),
+            "cwd": lambda v: v is None or isinstance(v, str),
+            "ranges": lambda v: isinstance(v, dict),
+        }
+        for key, ok in checks.items():
+            if key in known and not ok(known[key]):
+                raise ItnetError(f"{bad} ({key!r} has the wrong type); re-run itnet convert")
         return cls(**known)
 
 
@@ -252,6 +267,8 @@ def _import_module(target: str, src: Source) -> object:
         sys.path.insert(0, cwd)  # as `python -m` does, so that local packages are found
     try:
         return importlib.import_module(target)
+    except SystemExit as e:
+        raise ItnetError(f"importing {target} called exit({e.code!r}); a model module must define a factory") from None
     except ModuleNotFoundError as e:
         if e.name and (target == e.name or target.startswith(e.name + ".")):
             raise ItnetError(f"no module named {target!r} (spec {src.spec!r}); check the name or PYTHONPATH") from None
@@ -267,6 +284,8 @@ def _run_user_code(fn: Callable[[], object], what: str) -> object:
         return fn()
     except ItnetError:
         raise
+    except SystemExit as e:  # the model's code must not end itnet (a --check would pass without comparing)
+        raise ItnetError(f"{what} called exit({e.code!r}); a model factory must return a model") from None
     except SyntaxError as e:
         raise ItnetError(f"{e.filename}:{e.lineno}: syntax error ({e.msg}) while {what}") from None
     except Exception as e:

@@ -17,8 +17,11 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, ClassVar
 
 import sympy
@@ -39,6 +42,21 @@ LOWERINGS: dict[str, tuple[str, ...]] = {
     "mlp": ("auto", "dense", "fused", "montecarlo", "lowrank"),
     "lowrank": ("auto", "dense", "chunked"),
 }
+
+
+# Attribute integers are sizes, counts and offsets of real layers; 2**31 keeps every derived loop and shape sane.
+INT_ATTR = (0, 2**31 - 1)
+MAX_STR_ATTR = 200
+
+
+def at_least(default: int, lo: int, hi: int = INT_ATTR[1]):
+    """A dataclass field for an integer attribute (or each entry of a tuple of them) in [lo, hi]."""
+    return field(default=default, metadata={"range": (lo, hi)})
+
+
+def one_of(default: str, *choices: str):
+    """A dataclass field for a string attribute with a fixed set of values."""
+    return field(default=default, metadata={"choices": (default, *choices)})
 
 
 def register_family(cls: type[FamilyAttrs]) -> type[FamilyAttrs]:
@@ -73,10 +91,20 @@ class FamilyAttrs:
     # Input roles in order; a trailing '?' marks an optional one.
     roles: ClassVar[tuple[str, ...]]
     lowering: str = "auto"
-    measure: str = "uniform"
+    measure: str = one_of("uniform", "counting", "importance")
     normalize: bool = False
     support: str = "full"
-    heads: int = 1
+    heads: int = at_least(1, 1)
+
+    def __post_init__(self) -> None:
+        """Every attribute has its declared type and range, whoever built the record (a pass, or hostile text):
+        the verifier and every backend may then rely on them."""
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            checked = _checked(f"attribute {f.name} of family {self.family}", hints[f.name], val, f.metadata)
+            if checked is not val:
+                object.__setattr__(self, f.name, checked)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"family": self.family}
@@ -121,6 +149,54 @@ class FamilyAttrs:
         return ""
 
 
+@cache
+def _hints(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _checked(what: str, hint: object, val: object, meta: typing.Mapping[str, object]) -> object:
+    """``val`` as the type ``hint`` (int, float, bool, str, tuple[T, ...], tuple[A, B]) within ``meta``'s bounds;
+    ValueError naming ``what`` otherwise."""
+    if hint is bool:
+        if not isinstance(val, bool):
+            raise ValueError(f"{what} must be true or false, not {_short(val)}")
+        return val
+    if hint is int:
+        lo, hi = meta.get("range", INT_ATTR)  # type: ignore[misc]
+        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+            raise ValueError(f"{what} must be an integer in [{lo}, {hi}], not {_short(val)}")
+        return val
+    if hint is float:
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or math.isnan(val):
+            raise ValueError(f"{what} must be a number, not {_short(val)}")
+        return float(val)
+    if hint is str:
+        choices = meta.get("choices")
+        if not isinstance(val, str) or len(val) > MAX_STR_ATTR:
+            raise ValueError(f"{what} must be a string of at most {MAX_STR_ATTR} characters, not {_short(val)}")
+        if choices is not None and val not in choices:
+            raise ValueError(f"{what} must be one of {', '.join(choices)}, not {val!r}")  # type: ignore[arg-type]
+        return val
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is not tuple or not isinstance(val, (tuple, list)):
+        raise ValueError(f"{what} must be a list, not {_short(val)}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        if len(val) > 8:
+            raise ValueError(f"{what} has {len(val)} entries; at most 8")
+        kinds = [args[0]] * len(val)
+    elif len(val) != len(args):
+        raise ValueError(f"{what} must have {len(args)} entries, not {len(val)}")
+    else:
+        kinds = list(args)
+    items = tuple(_checked(what, k, v, meta) for k, v in zip(kinds, val, strict=True))
+    return val if isinstance(val, tuple) and all(a is b for a, b in zip(items, val, strict=True)) else items
+
+
+def _short(val: object) -> str:
+    text = repr(val)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _listify(val: object) -> object:
     if isinstance(val, tuple):
         return [_listify(v) for v in val]
@@ -147,16 +223,17 @@ class StationaryAttrs(FamilyAttrs):
 
     family: ClassVar[str] = "stationary"
     roles: ClassVar[tuple[str, ...]] = ("x", "weight", "bias?")
-    rank: int = 2
-    stride: tuple[int, ...] = (1, 1)
-    padding: tuple[tuple[int, int], ...] = ((0, 0), (0, 0))
-    dilation: tuple[int, ...] = (1, 1)
-    groups: int = 1
+    rank: int = at_least(2, 1, 3)
+    stride: tuple[int, ...] = at_least((1, 1), 1)  # type: ignore[assignment]
+    # Negative entries crop (a folded F.pad may crop).
+    padding: tuple[tuple[int, int], ...] = at_least(((0, 0), (0, 0)), -INT_ATTR[1])  # type: ignore[assignment]
+    dilation: tuple[int, ...] = at_least((1, 1), 1)  # type: ignore[assignment]
+    groups: int = at_least(1, 1)
     transposed: bool = False
-    output_padding: tuple[int, ...] = (0, 0)
-    padding_mode: str = "zeros"
-    measure: str = "counting"
-    support: str = "grid"
+    output_padding: tuple[int, ...] = at_least((0, 0), 0)  # type: ignore[assignment]
+    padding_mode: str = one_of("zeros", "reflect", "replicate", "circular")
+    measure: str = one_of("counting", "uniform", "importance")
+    support: str = one_of("grid")
 
     def check(self, node: Node) -> None:
         super().check(node)
@@ -224,8 +301,8 @@ class DotExpAttrs(FamilyAttrs):
     family: ClassVar[str] = "dot_exp"
     roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?")
     scale: float = 1.0
-    kv_heads: int = 1
-    mask: str = "none"  # none | bool | additive
+    kv_heads: int = at_least(1, 1)
+    mask: str = one_of("none", "bool", "additive")
     return_weights: bool = False
     normalize: bool = True
 

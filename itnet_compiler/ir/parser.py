@@ -1,12 +1,15 @@
 """Reads the text form written by ``printer.py`` (its docstring is the grammar) back into a Program.
 
 Errors carry the line and column of the offending character. Nothing is evaluated: literals, JSON strings and size
-expressions each have their own small reader.
+expressions each have their own small reader. The text may come from anyone (a bundle someone sent), so reading is
+bounded: text and line length, list and JSON nesting, integer literals (64 bits) and size expressions (see
+``types.parse_expr``) all have limits, and every way the text can be wrong is one ``ParseError``.
 """
 
 from __future__ import annotations
 
 import json
+import keyword
 import re
 
 import torch
@@ -14,7 +17,7 @@ import torch
 from ..errors import ParseError
 from .core import Node, Program, Value, Weight
 from .families import FAMILIES
-from .types import DTYPES, ScalarType, TensorType, Type, parse_expr
+from .types import DTYPES, SIZE_LIMIT, ScalarType, TensorType, Type, parse_expr
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -22,6 +25,38 @@ _VALUE = re.compile(r"%([A-Za-z0-9_.]+)")
 _NUMBER = re.compile(r"-?(inf|nan|\d+(\.\d*)?([eE][-+]?\d+)?)")
 _JSON = json.JSONDecoder()
 _KWARG = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*=")
+_INT = re.compile(r"-?\d+")
+
+MAX_TEXT = 1 << 30  # characters of a whole program
+MAX_LINE = 1 << 22  # characters of one line (a signature of a large model is some kilobytes)
+MAX_NESTING = 32  # nested lists in an argument, containers in a JSON signature
+MAX_RANK = 64  # torch's own limit on tensor dimensions
+
+
+def valid_name(name: str) -> bool:
+    """An SSA name the generated Python can hold as a variable: an identifier that is not a keyword."""
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _json_depth(text: str, start: int, limit: int) -> int | None:
+    """Position where the JSON value at ``start`` nests deeper than ``limit``, or None; strings are skipped."""
+    depth, i, n = 0, start, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return i
+        elif c in "]}":
+            depth -= 1
+            if depth <= 0:
+                return None
+        i += 1
+    return None
 
 
 class _Line:
@@ -75,6 +110,9 @@ class _Line:
 
     def json(self) -> object:
         self.ws()
+        deep = _json_depth(self.text, self.pos, MAX_NESTING)
+        if deep is not None:
+            raise self.error(f"JSON nested deeper than {MAX_NESTING} levels", deep)
         try:
             val, end = _JSON.raw_decode(self.text, self.pos)
         except json.JSONDecodeError as e:
@@ -94,6 +132,8 @@ class _Parser:
         self.env: dict[str, Value] = {}
 
     def define(self, ln: _Line, name: str, t: Type, pos: int) -> Value:
+        if not valid_name(name):
+            raise ln.error(f"%{name} is not a valid value name (an identifier that is not a Python keyword)", pos)
         if name in self.env:
             raise ln.error(f"%{name} is defined twice", pos)
         v = Value(name, t)
@@ -109,26 +149,30 @@ class _Parser:
             raise ln.error(f"%{m.group(1)} is used before it is defined", start)
         return v
 
-    def arg(self, ln: _Line) -> object:
+    def arg(self, ln: _Line, depth: int = 0) -> object:
         ln.ws()
         if ln.peek("%"):
             return self.value(ln)
         if ln.peek('"'):
             return ln.string()
-        if ln.eat("["):
+        if ln.peek("["):
+            if depth >= MAX_NESTING:
+                raise ln.error(f"lists nested deeper than {MAX_NESTING} levels")
+            ln.eat("[")
             items: list[object] = []
             if not ln.eat("]"):
-                items.append(self.arg(ln))
+                items.append(self.arg(ln, depth + 1))
                 while ln.eat(","):
-                    items.append(self.arg(ln))
+                    items.append(self.arg(ln, depth + 1))
                 ln.expect("]")
             return items
         m = _NUMBER.match(ln.text, ln.pos)
         if m and not _NAME.match(ln.text, ln.pos + (m.end() - m.start())):
-            ln.pos = m.end()
             tok = m.group(0)
-            is_int = tok.lstrip("-").isdigit()
-            return int(tok) if is_int else float(tok)
+            if tok.lstrip("-").isdigit():
+                return self.integer(ln, tok)
+            ln.pos = m.end()
+            return float(tok)
         start = ln.pos
         word = ln.match(_NAME, "an argument").group(0)
         consts = {"true": True, "false": False, "none": None}
@@ -140,6 +184,12 @@ class _Parser:
             ln.expect(")")
             return self.enum(ln, word, inner, start)
         raise ln.error(f"unknown literal {word!r}", start)
+
+    def integer(self, ln: _Line, tok: str) -> int:
+        if len(tok) > 20 or not -SIZE_LIMIT <= int(tok) < SIZE_LIMIT:
+            raise ln.error(f"integer {tok[:24]} is beyond 64 bits")
+        ln.pos += len(tok)
+        return int(tok)
 
     def enum(self, ln: _Line, kind: str, name: str, pos: int) -> object:
         if kind == "dtype":
@@ -171,6 +221,8 @@ class _Parser:
         dims = []
         if not ln.eat("]"):
             while True:
+                if len(dims) == MAX_RANK:
+                    raise ln.error(f"a tensor type has at most {MAX_RANK} dimensions")
                 dims.append(self.expr(ln, ",]"))
                 if ln.text[ln.pos - 1] == "]":
                     break
@@ -225,14 +277,28 @@ class _Parser:
 
     def symbol(self, ln: _Line) -> None:
         ln.expect("symbol")
+        start = ln.pos + 1
         name = ln.match(_NAME, "a symbol name").group(0)
+        if name in self.prog.symbols:
+            raise ln.error(f"symbol {name} is declared twice", start)
         ln.expect("in")
         ln.expect("[")
-        lo = int(ln.match(re.compile(r"-?\d+"), "an integer").group(0))
+        ln.ws()
+        lo = self.bound(ln)
         ln.expect(",")
-        hi = None if ln.eat("inf") else int(ln.match(re.compile(r"-?\d+"), "an integer or inf").group(0))
+        ln.ws()
+        hi = None if ln.eat("inf") else self.bound(ln)
         ln.expect("]")
+        if lo < 0 or (hi is not None and hi < lo):
+            raise ln.error(f"symbol {name} has the empty or negative range [{lo}, {hi}]", start)
         self.prog.symbols[name] = [lo, hi]
+
+    def bound(self, ln: _Line) -> int:
+        ln.ws()
+        m = _INT.match(ln.text, ln.pos)
+        if not m:
+            raise ln.error("expected an integer")
+        return self.integer(ln, m.group(0))
 
     def signature(self, ln: _Line) -> None:
         ln.expect("signature")
@@ -279,6 +345,8 @@ class _Parser:
                 ln.ws()
                 kw = _KWARG.match(ln.text, ln.pos)
                 if kw:
+                    if kw.group(1) in kwargs:
+                        raise ln.error(f"keyword argument {kw.group(1)!r} is given twice")
                     ln.pos = kw.end()
                     kwargs[kw.group(1)] = self.arg(ln)
                 elif kwargs:
@@ -295,6 +363,8 @@ class _Parser:
             data: dict[str, object] = {}
             while True:
                 key = ln.match(_NAME, "an attribute name").group(0)
+                if key in data:
+                    raise ln.error(f"attribute {key!r} is given twice")
                 ln.expect("=")
                 data[key] = self.arg(ln)
                 if not ln.eat(","):
@@ -321,16 +391,28 @@ class _Parser:
             raise ln.error(f"unknown family {fam!r}; known: {', '.join(sorted(FAMILIES))}", pos)
         try:
             return FAMILIES[fam].from_dict(data)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError) as e:
             raise ln.error(str(e), pos) from None
 
 
 def parse(text: str) -> Program:
     """Parse IR text into a Program (without tensors; ``bundle.load`` attaches them)."""
-    lines = text.splitlines()
+    if not isinstance(text, str):
+        raise ParseError(f"IR text must be a string, not {type(text).__name__}", 1, 1)
+    if len(text) > MAX_TEXT:
+        raise ParseError(f"IR text is longer than {MAX_TEXT} characters", 1, 1)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or lines[0].strip() != "itir 1":
         raise ParseError("expected the header 'itir 1'", 1, 1)
     p = _Parser()
     for i, raw in enumerate(lines[1:], start=2):
+        raw = raw.removesuffix("\r")
+        if len(raw) > MAX_LINE:
+            raise ParseError(f"line longer than {MAX_LINE} characters", i, MAX_LINE + 1)
+        bad = next((j for j, c in enumerate(raw) if c < " " and c != "\t"), None)
+        if bad is not None:
+            raise ParseError(f"control character {raw[bad]!r} in the text (escape it inside strings)", i, bad + 1)
         p.line(_Line(raw, i))
     return p.prog

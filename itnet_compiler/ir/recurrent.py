@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import sympy
 
-from .families import FamilyAttrs, register_family, role_type
+from .families import FamilyAttrs, at_least, one_of, register_family, role_type
 from .types import TensorType
 
 if TYPE_CHECKING:
@@ -47,17 +47,17 @@ class SsmAttrs(FamilyAttrs):
 
     family: ClassVar[str] = "ssm"
     roles: ClassVar[tuple[str, ...]] = ("x", "dt", "A", "B", "C", "D?", "dt_bias?", "h0?")
-    state_size: int = 16
-    groups: int = 1
-    head_dim: int = 1
+    state_size: int = at_least(16, 1)
+    groups: int = at_least(1, 1)
+    head_dim: int = at_least(1, 1)
     selective: bool = True
     dt_softplus: bool = False
     dt_min: float = -math.inf
     dt_max: float = math.inf
     # The chunk length the source model uses (Mamba2's chunk_size); ``chunked`` takes it unless the spec says otherwise.
-    chunk: int = 64
+    chunk: int = at_least(64, 1)
     return_state: bool = False
-    support: str = "causal"
+    support: str = one_of("causal")
 
     def check(self, node: Node) -> None:
         super().check(node)
@@ -109,15 +109,15 @@ class GatedAttrs(FamilyAttrs):
 
     family: ClassVar[str] = "gated"
     roles: ClassVar[tuple[str, ...]] = ("x", "weights", "h0?", "c0?")
-    cell: str = "lstm"  # lstm | gru
-    input_size: int = 1
-    hidden_size: int = 1
+    cell: str = one_of("lstm", "gru")
+    input_size: int = at_least(1, 1)
+    hidden_size: int = at_least(1, 1)
     proj_size: int = 0
-    num_layers: int = 1
+    num_layers: int = at_least(1, 1)
     bidirectional: bool = False
     batch_first: bool = False
     bias: bool = True
-    support: str = "causal"
+    support: str = one_of("causal", "full")
 
     @property
     def gates(self) -> int:
@@ -163,9 +163,10 @@ class GatedAttrs(FamilyAttrs):
             if t is not None and (t.rank != len(want) or not all(map(_same, t.shape, want))):
                 raise ValueError(f"{role} must be {list(want)}, not {t}")
         weights = node.kwargs.get("weights")
+        count = self.num_layers * self.dirs * (2 + 2 * self.bias + (self.proj_size > 0))
+        if not isinstance(weights, (list, tuple)) or len(weights) != count:
+            raise ValueError(f"weights must be a list of {count} tensors in torch's _flat_weights order")
         want = self.weight_shapes()
-        if not isinstance(weights, (list, tuple)) or len(weights) != len(want):
-            raise ValueError(f"weights must be a list of {len(want)} tensors in torch's _flat_weights order")
         for i, (w, shape) in enumerate(zip(weights, want, strict=True)):
             t = getattr(w, "type", None)
             if not isinstance(t, TensorType) or tuple(int(d) for d in t.shape) != shape:

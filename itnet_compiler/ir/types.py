@@ -83,23 +83,38 @@ def canonical_expr(expr: sympy.Expr) -> sympy.Expr:
 
 _FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Mod": sympy.Mod, "Max": sympy.Max, "Min": sympy.Min}
 _TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(\*\*|[-+*/(),]))")
+# Bounds that no real size expression comes near and that keep hostile text cheap to reject: sizes are 64-bit, an
+# expression is short and shallow, and a power has a small literal exponent.
+MAX_EXPR_CHARS = 1000
+MAX_EXPR_TOKENS = 200
+MAX_EXPR_DEPTH = 16
+MAX_EXPONENT = 64
+SIZE_LIMIT = 2**63
+_BAD = (sympy.zoo, sympy.oo, -sympy.oo, sympy.nan)
 
 
 class _ExprParser:
-    """Recursive descent over ``+ - * / **``, parentheses, integers, symbols and a few functions."""
+    """Recursive descent over ``+ - * / **``, parentheses, integers, symbols and a few functions, bounded in length,
+    depth and magnitude. Sums and products are built in one ``Add``/``Mul`` each, as sympy prints them, so that
+    ``2*(n + s)*floor(n/2)`` reads back as printed (a two-factor product would distribute the 2)."""
 
     def __init__(self, text: str):
+        text = text.strip()
+        if len(text) > MAX_EXPR_CHARS:
+            raise ValueError(f"size expression longer than {MAX_EXPR_CHARS} characters")
         self.toks: list[tuple[str, str]] = []
         pos = 0
-        text = text.strip()
         while pos < len(text):
             m = _TOKEN.match(text, pos)
             if not m or m.end() == pos:
-                raise ValueError(f"bad size expression near {text[pos:]!r}")
+                raise ValueError(f"bad size expression near {text[pos : pos + 20]!r}")
             pos = m.end()
             kind = "int" if m.group(1) else "name" if m.group(2) else "op"
             self.toks.append((kind, m.group(m.lastindex)))
+        if len(self.toks) > MAX_EXPR_TOKENS:
+            raise ValueError(f"size expression with more than {MAX_EXPR_TOKENS} tokens")
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> str | None:
         return self.toks[self.i][1] if self.i < len(self.toks) else None
@@ -116,39 +131,69 @@ class _ExprParser:
             raise ValueError(f"unexpected {self.peek()!r} in size expression")
         return e
 
+    def nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_EXPR_DEPTH:
+            raise ValueError(f"size expression nested deeper than {MAX_EXPR_DEPTH}")
+
     def sum(self) -> sympy.Expr:
-        e = self.product()
+        terms = [self.product()]
         while self.peek() in ("+", "-"):
             op = self.take()[1]
             rhs = self.product()
-            e = e + rhs if op == "+" else e - rhs
-        return e
+            terms.append(rhs if op == "+" else -rhs)
+        return _bounded(sympy.Add(*terms) if len(terms) > 1 else terms[0])
 
     def product(self) -> sympy.Expr:
-        e = self.unary()
+        factors = self.signed()
         while self.peek() in ("*", "/"):
             op = self.take()[1]
-            rhs = self.unary()
-            e = e * rhs if op == "*" else e / rhs
-        return e
+            rhs = self.signed()
+            if op == "/" and sympy.Mul(*rhs) == 0:
+                raise ValueError("division by zero in size expression")
+            factors += rhs if op == "*" else [1 / sympy.Mul(*rhs)]
+        return _bounded(sympy.Mul(*factors) if len(factors) > 1 else factors[0])
+
+    def signed(self) -> list[sympy.Expr]:
+        """A factor with its leading minus signs as factors of -1: sympy prints ``Mul(-1, a + b, c)`` as
+        ``-(a + b)*c``, and negating ``a + b`` on its own would distribute the sign."""
+        signs: list[sympy.Expr] = []
+        while self.peek() == "-":
+            self.take()
+            signs.append(sympy.Integer(-1))
+            if len(signs) > MAX_EXPR_DEPTH:
+                raise ValueError(f"size expression nested deeper than {MAX_EXPR_DEPTH}")
+        return [*signs, self.unary()]
 
     def unary(self) -> sympy.Expr:
         if self.peek() == "-":
-            self.take()
-            return -self.unary()
+            return sympy.Mul(*self.signed())
         base = self.atom()
-        if self.peek() == "**":
-            self.take()
-            return base ** self.unary()
-        return base
+        if self.peek() != "**":
+            return base
+        self.take()
+        self.nest()
+        exp = self.unary()
+        self.depth -= 1
+        if not (exp.is_Integer and abs(int(exp)) <= MAX_EXPONENT):
+            raise ValueError(f"a size exponent must be an integer in [-{MAX_EXPONENT}, {MAX_EXPONENT}], not {exp}")
+        if base == 0 and exp < 0:
+            raise ValueError("division by zero in size expression")
+        if base.is_Integer and int(exp) > 0 and (abs(int(base)).bit_length() - 1) * int(exp) >= 64:
+            raise ValueError(f"size {base}**{exp} is beyond 64 bits")
+        return _bounded(base**exp)
 
     def atom(self) -> sympy.Expr:
         kind, tok = self.take()
         if kind == "int":
+            if len(tok) > 19 or int(tok) >= SIZE_LIMIT:
+                raise ValueError(f"size {tok[:24]} is beyond 64 bits")
             return sympy.Integer(int(tok))
         if tok == "(":
+            self.nest()
             e = self.sum()
             self.expect(")")
+            self.depth -= 1
             return e
         if kind != "name":
             raise ValueError(f"unexpected {tok!r} in size expression")
@@ -157,20 +202,44 @@ class _ExprParser:
         if tok not in _FUNCS:
             raise ValueError(f"unknown function {tok!r} in size expression")
         self.take()
+        self.nest()
         args = [self.sum()]
         while self.peek() == ",":
             self.take()
             args.append(self.sum())
         self.expect(")")
-        return _FUNCS[tok](*args)
+        self.depth -= 1
+        arity = (2, 2) if tok == "Mod" else (1, 1) if tok in ("floor", "ceiling") else (1, 16)
+        if not arity[0] <= len(args) <= arity[1]:
+            raise ValueError(f"{tok} takes {arity[0]} argument(s) in a size expression, not {len(args)}")
+        if tok == "Mod" and args[1] == 0:
+            raise ValueError("Mod by zero in size expression")
+        return _bounded(_FUNCS[tok](*args))
 
     def expect(self, tok: str) -> None:
         if self.take()[1] != tok:
             raise ValueError(f"expected {tok!r} in size expression")
 
 
+def _bounded(e: sympy.Expr) -> sympy.Expr:
+    """``e`` if it is finite and every number in it fits in 64 bits."""
+    if e.has(*_BAD):
+        raise ValueError("size expression is infinite or undefined (a division by zero?)")
+    for n in e.atoms(sympy.Rational):
+        if abs(n.p) >= SIZE_LIMIT or n.q >= SIZE_LIMIT:
+            raise ValueError("size expression holds a number beyond 64 bits")
+    return e
+
+
 def parse_expr(text: str) -> sympy.Expr:
-    return _ExprParser(text).parse()
+    """Read a size expression as ``str`` of a sympy expression prints it; ValueError, never anything else, if the
+    text is not one (or is out of bounds)."""
+    try:
+        return _ExprParser(text).parse()
+    except ValueError:
+        raise
+    except (TypeError, ArithmeticError, RecursionError, AttributeError) as e:  # sympy on odd input
+        raise ValueError(f"bad size expression ({type(e).__name__})") from None
 
 
 def make_symbol(name: str) -> sympy.Symbol:

@@ -6,13 +6,18 @@ lowering writes its self-estimated error under its layer name (``state.errors``)
 is expensive to recompute (factorised weights, factors fitted on calibration activations) in ``state.cache``. With
 no active state every call is self-contained: nothing is reported and everything is recomputed.
 
-The built module is meant to own one state and activate it in its forward, exposing ``error_estimates``; until
-then, a caller activates a state around the call itself.
+The built module owns one state and activates it in its forward (``error_estimates`` reads it). One module may be
+called from several threads at once, so activation is per call: the stack of active states lives in a context
+variable (each thread and each asyncio task has its own), never on the shared state, and the state's dicts are
+written under its lock. Concurrent calls each report complete estimates; the table then holds, per layer, that of
+whichever call finished the layer last. A cache miss of one key is computed once, by the first caller; concurrent
+callers of that key wait for it rather than fitting the same factors again on their own activations.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -21,7 +26,9 @@ import torch
 
 T = TypeVar("T")
 
-_ACTIVE: contextvars.ContextVar[RuntimeState | None] = contextvars.ContextVar("itnet_runtime", default=None)
+# The states activated in this context, innermost last: a tuple, so a context copied into a new thread or task
+# shares nothing mutable with its parent.
+_ACTIVE: contextvars.ContextVar[tuple[RuntimeState, ...]] = contextvars.ContextVar("itnet_runtime", default=())
 
 
 @dataclass(frozen=True)
@@ -47,29 +54,59 @@ class RuntimeState:
 
     errors: dict[str, ErrorEstimate] = field(default_factory=dict)
     cache: dict[tuple[object, ...], tuple[tuple[object, ...], object]] = field(default_factory=dict)
-    _tokens: list[contextvars.Token] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _making: dict[tuple[object, ...], threading.RLock] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __enter__(self) -> RuntimeState:
-        self._tokens.append(_ACTIVE.set(self))
+        _ACTIVE.set((*_ACTIVE.get(), self))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _ACTIVE.reset(self._tokens.pop())
+        stack = _ACTIVE.get()
+        if not stack or stack[-1] is not self:
+            raise RuntimeError("itnet runtime: a state was left that is not the innermost active one in this context")
+        _ACTIVE.set(stack[:-1])
 
     def error_table(self) -> dict[str, dict[str, float | int]]:
         """Layer -> estimate as JSON-able data (what a plan file records next to the chosen lowering)."""
-        return {layer: est.to_dict() for layer, est in sorted(self.errors.items())}
+        with self._lock:
+            items = sorted(self.errors.items())
+        return {layer: est.to_dict() for layer, est in items}
+
+    def record(self, layer: str, estimate: ErrorEstimate) -> None:
+        with self._lock:
+            self.errors[layer] = estimate
+
+    def making(self, key: tuple[object, ...]) -> threading.RLock:
+        """The lock held while the value under ``key`` is computed (reentrant: ``make`` may itself use the cache)."""
+        with self._lock:
+            return self._making.setdefault(key, threading.RLock())
+
+    def store(self, key: tuple[object, ...], entry: tuple[tuple[object, ...], object]) -> None:
+        with self._lock:
+            self.cache[key] = entry
+
+    def __getstate__(self) -> dict[str, object]:
+        # Locks neither copy nor pickle: a copied module (copy.deepcopy) gets fresh ones.
+        with self._lock:
+            return {"errors": dict(self.errors), "cache": dict(self.cache)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(**state)
 
 
 def active() -> RuntimeState | None:
-    return _ACTIVE.get()
+    stack = _ACTIVE.get()
+    return stack[-1] if stack else None
 
 
 def report_error(layer: str, estimate: ErrorEstimate) -> None:
     """Record ``estimate`` for ``layer`` in the active state (the last call of a layer in a forward wins)."""
-    state = _ACTIVE.get()
+    state = active()
     if state is not None and layer:
-        state.errors[layer] = estimate
+        state.record(layer, estimate)
 
 
 def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[object, ...]:
@@ -79,13 +116,17 @@ def _fingerprint(tensors: tuple[torch.Tensor, ...]) -> tuple[object, ...]:
 
 def cached(key: tuple[object, ...], depends_on: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
     """``make()``, memoised in the active state under ``key`` while the tensors in ``depends_on`` are unchanged."""
-    state = _ACTIVE.get()
+    state = active()
     if state is None:
         return make()
     stamp = _fingerprint(depends_on)
     hit = state.cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]  # type: ignore[return-value]
-    value = make()
-    state.cache[key] = (stamp, value)
+    with state.making(key):
+        hit = state.cache.get(key)  # another thread may have computed it while this one waited
+        if hit is not None and hit[0] == stamp:
+            return hit[1]  # type: ignore[return-value]
+        value = make()
+        state.store(key, (stamp, value))
     return value

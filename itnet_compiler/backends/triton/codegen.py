@@ -9,6 +9,7 @@ takes, or when the kernel fails to compile or launch. Never a wrong answer: the 
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -164,11 +165,13 @@ class TritonBuild:
 
     def __init__(self) -> None:
         self.fallbacks: dict[str, str] = {}
+        self._lock = threading.Lock()  # the module may run in several threads: one record and one warning per layer
 
     def fall_back(self, layer: str, reason: str) -> None:
-        if layer in self.fallbacks:
-            return
-        self.fallbacks[layer] = reason
+        with self._lock:
+            if layer in self.fallbacks:
+                return
+            self.fallbacks[layer] = reason
         warnings.warn(f"itnet: layer '{layer}' runs on the torch backend: {reason}", stacklevel=3)
 
     def resolve(self, node: Node) -> tuple[Callable[..., object], dict[str, object]]:

@@ -4,19 +4,39 @@ Triton's ``@jit`` reads the source of the function it compiles, so kernels must 
 is written to ``<cache>/triton/<template>_<hash>.py`` where the hash covers the template name and the full rendered
 text (family kernel expression, constexpr choices), then imported with importlib. ``ITNET_DEBUG=3`` prints each
 source once when it is first loaded.
+
+Built modules may be called from several threads: a source is written and imported once, under a lock, through a
+temporary file of its own (so a concurrent writer, thread or process, never leaves a half-written kernel), and under
+``TRITON_INTERPRET`` every launch holds one process-wide lock, because Triton's interpreter keeps the current program
+id and its patches of ``triton.language`` in globals: two interpreted launches at once corrupt each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+
+from triton.runtime.interpreter import InterpretedFunction
 
 from ... import config
 
 _LOADED: dict[str, ModuleType] = {}
+_LOADING = threading.Lock()
+_INTERPRETER = threading.RLock()
+
+
+class _SerialLaunch(InterpretedFunction):
+    """An interpreted kernel whose launches run one at a time in this process (device-function calls inside a
+    launch are unchanged: they run under the launch's lock)."""
+
+    def run(self, *args, **kwargs):
+        with _INTERPRETER:
+            return super().run(*args, **kwargs)
 
 
 def dot_precision(dtype: object) -> str:
@@ -49,11 +69,21 @@ def load(name: str, source: str) -> ModuleType:
     """Write ``source`` (if not cached) and import it; the same text always gives the same module object."""
     path = source_path(name, source)
     key = str(path)
-    if key in _LOADED:
-        return _LOADED[key]
+    module = _LOADED.get(key)
+    if module is not None:
+        return module
+    with _LOADING:
+        module = _LOADED.get(key)
+        if module is None:
+            module = _import(path, source)
+            _LOADED[key] = module
+    return module
+
+
+def _import(path: Path, source: str) -> ModuleType:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(source)
         tmp.replace(path)
     if config.debug_level() >= 3:
@@ -63,5 +93,7 @@ def load(name: str, source: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    _LOADED[key] = module
+    for fn in vars(module).values():
+        if type(fn) is InterpretedFunction:
+            fn.__class__ = _SerialLaunch
     return module
