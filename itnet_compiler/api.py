@@ -80,6 +80,9 @@ def build(
     if backend not in ("torch", "triton"):
         raise ItnetError(f"unknown backend {backend!r}; available: torch, triton")
     planned = plan_program(prog, plan, backend, error_budget, sizes)
+    from .backends.torch.typecheck import check_program
+
+    check_program(planned)  # declared types against what each op produces (a bundle may declare anything)
     if backend == "torch":
         from .backends.torch.codegen import build_torch
 

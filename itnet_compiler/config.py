@@ -32,3 +32,8 @@ def set_hf_offline() -> None:
 def triton_interpret() -> bool:
     """``TRITON_INTERPRET=1``: Triton kernels run on the CPU through Triton's interpreter (tests, CI)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_types() -> bool:
+    """``ITNET_CHECK_TYPES=1``: every forward checks each node's result against its declared IR type (slow; debug)."""
+    return os.environ.get("ITNET_CHECK_TYPES", "0") not in ("", "0")

@@ -31,3 +31,9 @@ class ParseError(ItnetError):
         super().__init__(f"line {line}, column {col}: {message}")
         self.line = line
         self.col = col
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

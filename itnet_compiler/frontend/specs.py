@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import config as itnet_config
-from ..errors import ItnetError
+from ..errors import ItnetError, first_line
 from ..ir.types import DTYPES
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
@@ -518,8 +518,3 @@ def suggested_fixes(err: BaseException) -> str:
         return ""
     lines = [ln.strip() for ln in rest.strip().split("\n\n")[0].splitlines() if ln.strip()]
     return "; ".join(lines)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -6,14 +6,16 @@ Only text, JSON and safetensors are read: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
-from ..errors import ItnetError
+from ..errors import ItnetError, first_line
 from .core import Program
-from .parser import parse
+from .parser import MAX_NESTING, json_depth, parse
 from .printer import print_program
 from .verify import verify
 
@@ -57,24 +59,111 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+MAX_PROGRAM_BYTES = 1 << 30
+MAX_META_BYTES = 16 << 20
+
+
 def load(path: str | Path) -> Program:
+    """Read a bundle (or a bare ``.itir`` text file). Every file is read bounded and checked: a bundle may come from
+    anyone, and whatever is wrong with it is one ``ItnetError``; nothing in it is executed or unpickled."""
     src = Path(path)
     text_file = src / "program.itir" if src.is_dir() else src
     if not text_file.exists():
         raise ItnetError(f"no IR bundle at {path}: expected a directory with program.itir (run itnet convert first)")
-    prog = parse(text_file.read_text())
+    prog = parse(_read_text(text_file, MAX_PROGRAM_BYTES))
     weights = text_file.parent / "weights.safetensors"
     meta = text_file.parent / "meta.json"
     meta_data: dict = {}
-    if meta.exists():
-        meta_data = json.loads(meta.read_text())
+    if meta.exists() or meta.is_symlink():
+        meta_data = _read_meta(meta)
         fmt = meta_data.get("format")
         if fmt != FORMAT:
-            raise ItnetError(f"bundle {path} has format {fmt}, this itnet reads format {FORMAT}; re-run itnet convert")
+            raise ItnetError(f"bundle {path} has format {fmt!r}; this itnet reads {FORMAT}: re-run itnet convert")
     if prog.weights:
         if not weights.exists():
             raise ItnetError(f"bundle {path} has no weights.safetensors; re-run itnet convert")
-        prog.tensors = safetensors.torch.load_file(str(weights))
+        prog.tensors = _read_weights(weights)
     prog.meta = {k: v for k, v in meta_data.items() if k not in ("format", "torch", "transforms")}
     verify(prog)
     return prog
+
+
+def _regular(file: Path) -> os.stat_result:
+    try:
+        st = file.stat()
+    except OSError as e:
+        raise ItnetError(f"cannot read {file}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ItnetError(f"{file} is {kind}; a bundle holds program.itir, weights.safetensors and meta.json files")
+    return st
+
+
+def _read_text(file: Path, limit: int) -> str:
+    if _regular(file).st_size > limit:
+        raise ItnetError(f"{file} is larger than {limit >> 20} MiB; it is not a program itnet wrote")
+    try:
+        with open(file, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ItnetError(f"cannot read {file}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise ItnetError(f"{file} is larger than {limit >> 20} MiB; it is not a program itnet wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ItnetError(f"{file} is not UTF-8 text (byte {e.start}); it is not a file itnet wrote") from None
+
+
+def _read_meta(file: Path) -> dict:
+    text = _read_text(file, MAX_META_BYTES)
+    deep = json_depth(text, 0, MAX_NESTING)
+    if deep is not None:
+        raise ItnetError(f"{file} nests deeper than {MAX_NESTING} levels; it is not a file itnet wrote")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ItnetError(f"{file} is not valid JSON{where}; re-run itnet convert") from None
+    if not isinstance(data, dict):
+        raise ItnetError(f"{file} must hold a JSON object, not {type(data).__name__}; re-run itnet convert")
+    for key, ok in _META_CHECKS.items():
+        if key in data and not ok(data[key]):
+            raise ItnetError(f"{file}: the entry {key!r} is malformed; re-run itnet convert")
+    return data
+
+
+def _size(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31
+
+
+def _example_ok(ex: object) -> bool:
+    if not isinstance(ex, dict):
+        return False
+    sizes, inputs = ex.get("sizes", {}), ex.get("inputs", [])
+    if not isinstance(sizes, dict) or not all(isinstance(k, str) and _size(v) for k, v in sizes.items()):
+        return False
+    if not isinstance(inputs, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in inputs):
+        return False
+    ranges = [e["range"] for e in inputs if "range" in e]
+    return all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(b, int) and abs(b) < 2**63 for b in r) and r[0] < r[1]
+        for r in ranges
+    )
+
+
+def _fallbacks_ok(fb: object) -> bool:
+    layers = fb.get("layers") if isinstance(fb, dict) else None
+    return isinstance(layers, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items())
+
+
+# Entries of meta.json that itnet reads back (``source`` is checked where it is used: ``specs.Source.from_json``).
+_META_CHECKS = {"example": _example_ok, "fallbacks": _fallbacks_ok, "source": lambda v: isinstance(v, dict)}
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    _regular(file)
+    try:
+        return safetensors.torch.load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError, a header safetensors rejects: all mean a bad file
+        raise ItnetError(f"{file} is not a readable safetensors file ({first_line(e)}); re-run itnet convert") from None

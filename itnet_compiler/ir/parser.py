@@ -38,7 +38,7 @@ def valid_name(name: str) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name)
 
 
-def _json_depth(text: str, start: int, limit: int) -> int | None:
+def json_depth(text: str, start: int, limit: int) -> int | None:
     """Position where the JSON value at ``start`` nests deeper than ``limit``, or None; strings are skipped."""
     depth, i, n = 0, start, len(text)
     while i < n:
@@ -110,7 +110,7 @@ class _Line:
 
     def json(self) -> object:
         self.ws()
-        deep = _json_depth(self.text, self.pos, MAX_NESTING)
+        deep = json_depth(self.text, self.pos, MAX_NESTING)
         if deep is not None:
             raise self.error(f"JSON nested deeper than {MAX_NESTING} levels", deep)
         try:
@@ -387,7 +387,7 @@ class _Parser:
 
     def attrs(self, ln: _Line, data: dict[str, object], pos: int):
         fam = data.get("family")
-        if fam not in FAMILIES:
+        if not isinstance(fam, str) or fam not in FAMILIES:
             raise ln.error(f"unknown family {fam!r}; known: {', '.join(sorted(FAMILIES))}", pos)
         try:
             return FAMILIES[fam].from_dict(data)

@@ -1,4 +1,12 @@
-"""Torch lowerings of the ``dot_exp`` family (softmax attention): ``dense``, ``library`` (SDPA) and ``fused``."""
+"""Torch lowerings of the ``dot_exp`` family (softmax attention): ``dense``, ``library`` (SDPA) and ``fused``.
+
+Range: ``dense`` and ``fused`` scale q before the product (as SDPA's math backend does), so a logit overflows only
+when the scaled logit itself leaves the dtype, and when a bound on the logits says one might (inputs of magnitude
+~1e19 and up in float32), they compute in float64 instead, which holds every such logit: their rows are then the
+saturated softmax, finite wherever a float64 reference is. SDPA's CPU kernel multiplies by the scale after the
+product: there those rows are NaN, or 0 for rows of at most 8 keys, where its max drops the NaN logits and the row
+counts as fully masked. ``library`` is SDPA and keeps its behaviour.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +47,32 @@ def _logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).expand(mask.shape)
 
 
+def logits_may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
+    """Whether a logit scale·⟨q_i, k_j⟩, or a partial sum of one, may leave q's dtype. By Cauchy–Schwarz each is at
+    most |scale|·max‖q_i‖·max‖k_j‖; norms that overflow float32 only raise a false alarm. Two O(N·d) reductions and
+    one host sync, against the O(N²·d) product; float64 is never widened further."""
+    if q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0:
+        return False
+    norms = torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax() for t in (q, k)])
+    nq, nk = norms.tolist()
+    return abs(scale) * nq * nk > torch.finfo(q.dtype).max  # NaN inputs compare False: widening would not help
+
+
+def _in_float64(fn, q, k, v, mask, **static):
+    """``fn`` on float64 copies, its results back in q's dtype: float64 holds every logit of float32 (or narrower)
+    inputs, so the softmax saturates (weight on the largest logits) where the narrow product would give NaN."""
+    wide = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    out = fn(q.double(), k.double(), v.double(), wide, **static)
+    return tuple(t.to(q.dtype) for t in out) if isinstance(out, tuple) else out.to(q.dtype)
+
+
 def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window=0):
     """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference."""
+    static = {"scale": scale, "causal": causal, "return_weights": return_weights, "window": window}
+    if logits_may_overflow(q, k, scale):
+        return _in_float64(attention_dense, q, k, v, mask, **static)
     k, v = _expand_kv(q, k), _expand_kv(q, v)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    s = torch.matmul(q * scale, k.transpose(-2, -1))
     bias = _logit_bias(mask, s.dtype)
     if bias is not None:
         s = s + bias
@@ -72,6 +102,9 @@ def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, window
     Causal and window supports visit only the column tiles they admit."""
     if return_weights:
         raise ItnetError("the fused lowering cannot return attention weights; use dense or library for this layer")
+    if logits_may_overflow(q, k, scale):
+        static = {"scale": scale, "causal": causal, "return_weights": False, "window": window}
+        return _in_float64(attention_fused, q, k, v, mask, **static, block_q=block_q, block_k=block_k)
     k, v = _expand_kv(q, k), _expand_kv(q, v)
     bias = _logit_bias(mask, q.dtype)
     lq, lk = q.shape[-2], k.shape[-2]

@@ -16,13 +16,15 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ...errors import ItnetError
+from ... import config
+from ...errors import ItnetError, first_line
 from ...ir import treespec
 from ...ir.core import Node, Program, Value
 from ...ir.ops import resolve_op, returns_list
 from ...ir.types import DTYPE_NAMES, TensorType
 from .lowerings import implementation
 from .runtime import RuntimeState
+from .typecheck import RuntimeTypeCheck
 
 
 def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) -> None:
@@ -47,6 +49,8 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
     root = torch.nn.Module()
     g = fx.Graph()
     env: dict[int, fx.Node] = {}
+    # FX node name -> the IR node and value it computes (run-time type checks, naming the node a forward fails at).
+    declared: dict[str, tuple[Node, Value]] = {}
     for v in prog.inputs:
         env[id(v)] = g.placeholder(v.name)
     for w in prog.weights:
@@ -89,12 +93,15 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
             call = g.create_node("call_function", fn, tuple(arg(a) for a in node.args), kwargs, name=name)
         if len(node.outputs) == 1 and not _returns_list(node):
             env[id(node.outputs[0])] = call
+            declared[call.name] = (node, node.outputs[0])
         else:
             for i, v in enumerate(node.outputs):
-                env[id(v)] = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
+                env[id(v)] = item = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
+                declared[item.name] = (node, v)
     g.output(tuple(arg(a) for a in prog.outputs))
     gm = fx.GraphModule(root, g, class_name="ItnetGenerated")
     gm.graph.lint()
+    gm.meta["itnet_declared"] = declared
     return gm
 
 
@@ -146,8 +153,7 @@ class ItnetModule(torch.nn.Module):
     def forward(self, *args: object, **kwargs: object) -> object:
         if self._plain and not kwargs and len(args) == len(self._checks):
             self._check(args)
-            with self.runtime:
-                out = self.gm(*args)
+            out = self._run(args)
             return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
         if self._kw_order is not None:
             extra = set(kwargs) - set(self._kw_order)
@@ -161,9 +167,33 @@ class ItnetModule(torch.nn.Module):
                 "pass the same arguments as at conversion"
             )
         self._check(flat)
-        with self.runtime:
-            out = self.gm(*flat)
+        out = self._run(flat)
         return pytree.tree_unflatten(list(out), self._out_spec) if self._out_spec is not None else out
+
+    def _run(self, flat: list[object] | tuple[object, ...]) -> tuple[object, ...]:
+        """The generated graph on checked inputs. A failure inside it becomes one ``ItnetError`` naming the node as
+        printed (found by replaying the call node by node); ``ITNET_CHECK_TYPES=1`` checks every result's type."""
+        with self.runtime:
+            if config.check_types():
+                return RuntimeTypeCheck(self.gm, self._bound_sizes(flat)).run(*flat)
+            try:
+                return self.gm(*flat)
+            except ItnetError:
+                raise
+            except Exception as e:
+                with torch.no_grad():
+                    RuntimeTypeCheck(self.gm, None, check=False).run(*flat)  # raises, naming the node
+                raise ItnetError(f"running the program failed ({type(e).__name__}: {first_line(e)})") from e
+
+    def _bound_sizes(self, flat: list[object] | tuple[object, ...]) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for x, fast in zip(flat, self._fast, strict=True):
+            if fast is None or not isinstance(x, torch.Tensor):
+                continue
+            for n, d in zip(x.shape, fast[1], strict=False):
+                if isinstance(d, str):
+                    sizes.setdefault(d, int(n))
+        return sizes
 
     def _fast_ok(self, flat) -> bool:
         """The common case in plain Python: dtypes, static dims, symbols consistent and in range."""
