@@ -1,11 +1,11 @@
 """Torch lowerings of the ``dot_exp`` family (softmax attention): ``dense``, ``library`` (SDPA) and ``fused``.
 
-Range: ``dense`` and ``fused`` scale q before the product (as SDPA's math backend does), so a logit overflows only
-when the scaled logit itself leaves the dtype, and when a bound on the logits says one might (inputs of magnitude
-~1e19 and up in float32), they compute in float64 instead, which holds every such logit: their rows are then the
-saturated softmax, finite wherever a float64 reference is. SDPA's CPU kernel multiplies by the scale after the
-product: there those rows are NaN, or 0 for rows of at most 8 keys, where its max drops the NaN logits and the row
-counts as fully masked. ``library`` is SDPA and keeps its behaviour.
+Range: logits are formed as (scale·q)·kᵀ, so only a logit that itself leaves the dtype overflows (SDPA's math backend
+orders it so; its CPU flash kernel scales after the product). When a Cauchy–Schwarz bound says one might (float16
+q, k of size ~100, float32 ones of ~1e19), ``dense`` and ``fused`` compute in float64, which holds every logit of
+narrower inputs: their rows are then the saturated softmax a float64 reference gives, never NaN. SDPA (``library``)
+accumulates float16 in float32, but for float32 inputs of ~1e19 and up returns NaN rows, or zeros on short rows,
+where its max skips the NaN logits and the row counts as fully masked.
 """
 
 from __future__ import annotations
@@ -49,13 +49,18 @@ def _logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 def logits_may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
     """Whether a logit scale·⟨q_i, k_j⟩, or a partial sum of one, may leave q's dtype. By Cauchy–Schwarz each is at
-    most |scale|·max‖q_i‖·max‖k_j‖; norms that overflow float32 only raise a false alarm. Two O(N·d) reductions and
-    one host sync, against the O(N²·d) product; float64 is never widened further."""
-    if q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0:
+    most |scale|·‖q_i‖·‖k_j‖ ≤ |scale|·‖Q‖·‖K‖ (whole tensors): one pass over q and k, against the O(N²·d) product,
+    and enough almost always; when it is not (float16, or huge inputs), the row norms decide. Norms that overflow
+    float32 only raise a false alarm (a detour through float64); float64 is never widened further."""
+    if q.dtype == torch.float64 or q.numel() == 0 or k.numel() == 0 or scale == 0:
         return False
-    norms = torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax() for t in (q, k)])
-    nq, nk = norms.tolist()
-    return abs(scale) * nq * nk > torch.finfo(q.dtype).max  # NaN inputs compare False: widening would not help
+    limit = torch.finfo(q.dtype).max / abs(scale)
+    f32 = torch.float32
+    if torch.linalg.vector_norm(q, dtype=f32).item() * torch.linalg.vector_norm(k, dtype=f32).item() <= limit:
+        return False
+    nq = torch.linalg.vector_norm(q, dim=-1, dtype=f32).amax().item()
+    nk = torch.linalg.vector_norm(k, dim=-1, dtype=f32).amax().item()
+    return nq * nk > limit  # NaN inputs compare False: float64 would not help them
 
 
 def _in_float64(fn, q, k, v, mask, **static):

@@ -51,7 +51,7 @@ def _symbols(sizes: dict[str, int]) -> Sizes:
     return {sympy.Symbol(k, integer=True, positive=True): sympy.Integer(v) for k, v in sizes.items()}
 
 
-def _eval(expr: sympy.Expr, sizes: Sizes) -> int | None:
+def _size_at(expr: sympy.Expr, sizes: Sizes) -> int | None:
     val = sympy.sympify(expr).xreplace(sizes)
     return int(val) if val.is_Integer else None
 
@@ -61,7 +61,7 @@ def _mismatch(t: Type, got: object, sizes: Sizes) -> str | None:
     if isinstance(t, TensorType):
         if not isinstance(got, torch.Tensor):
             return f"it produces a {type(got).__name__}, not a tensor"
-        want = [_eval(d, sizes) for d in t.shape]
+        want = [_size_at(d, sizes) for d in t.shape]
         shape_ok = len(want) == got.dim() and all(w is None or w == n for w, n in zip(want, got.shape, strict=False))
         if got.dtype != t.dtype or not shape_ok:
             name = DTYPE_NAMES.get(got.dtype, str(got.dtype))
@@ -72,7 +72,7 @@ def _mismatch(t: Type, got: object, sizes: Sizes) -> str | None:
     if isinstance(got, torch.Tensor) or not isinstance(got, kinds[t.kind]) or (t.kind == "int" and got is True):
         return f"it produces {type(got).__name__} where {t} is declared"
     if t.kind == "int" and t.expr is not None:
-        want = _eval(t.expr, sizes)
+        want = _size_at(t.expr, sizes)
         if want is not None and want != got:
             return f"it produces {got} where {t} is declared ({want} at these sizes)"
     return None
@@ -91,9 +91,9 @@ def check_program(prog: Program) -> None:
 
 def _fake(t: Type, sizes: Sizes, mode: FakeTensorMode) -> object:
     if isinstance(t, ScalarType):
-        val = _eval(t.expr, sizes) if t.expr is not None else None
+        val = _size_at(t.expr, sizes) if t.expr is not None else None
         return {"int": val if val is not None else 1, "float": 1.0, "bool": False}[t.kind]
-    shape = [_eval(d, sizes) for d in t.shape]
+    shape = [_size_at(d, sizes) for d in t.shape]
     if any(n is None or n < 0 for n in shape):
         raise ItnetError(f"type {t} has no size at {_sizes_text(sizes)}; fix the size expressions")
     return torch.empty(shape, dtype=t.dtype)
