@@ -14,6 +14,11 @@ from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run, so CI is reproducible (bench/ holds the long random runs).
+settings.register_profile("itnet", derandomize=True)
+settings.load_profile("itnet")
 from models import DYNAMIC, FACTORIES, Case  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
