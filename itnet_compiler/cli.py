@@ -295,16 +295,28 @@ def _run_inputs(prog: Program, overrides: Sequence[str], seed: int) -> tuple[tup
                 else e
                 for e in s.shape
             ]
-            leaves.append(specs.random_tensor(shape, s.dtype, low, high, gen))
+            leaves.append(_random_input(v.name, shape, s.dtype, low, high, gen))
         elif isinstance(v.type, TensorType):
             shape = [_size(d, sizes, v.name) for d in v.type.shape]
-            leaves.append(specs.random_tensor(shape, v.type.dtype, low, high, gen))
+            leaves.append(_random_input(v.name, shape, v.type.dtype, low, high, gen))
         else:
             leaves.append(_scalar(v.type, sizes, v.name))
     if prog.in_spec is None:
         return tuple(leaves), {}
     args, kwargs = pytree.tree_unflatten(leaves, treespec.from_json(prog.in_spec))
     return tuple(args), dict(kwargs)
+
+
+MAX_RUN_ELEMENTS = 1 << 31
+
+
+def _random_input(name: str, shape: list[int], dtype: torch.dtype, low: int, high: int, gen) -> torch.Tensor:
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel > MAX_RUN_ELEMENTS or any(n < 0 for n in shape):
+        raise ItnetError(f"input '{name}' would be {shape} ({numel} elements); give a smaller one: --input {name}:...")
+    return specs.random_tensor(shape, dtype, low, high, gen)
 
 
 def _size(d: object, sizes: dict[str, int], name: str) -> int:
