@@ -392,3 +392,10 @@ def test_broken_bundle_files_are_one_clean_error(damage, words: str | None, copy
     code, _, err = cli(capsys, "run", copy)
     assert code == 1, err  # a user error (1), not an internal error (3)
     assert words in one_line(err) or "cannot read" in err
+
+
+def test_run_refuses_inputs_a_bundle_sizes_beyond_memory(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (copy / "program.itir").read_text().replace(",16]", ",99999999999]")
+    (copy / "program.itir").write_text(text)
+    code, _, err = cli(capsys, "run", copy)
+    assert code == 1 and "give a smaller one" in one_line(err)
