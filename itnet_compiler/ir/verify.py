@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ItnetError
+from . import treespec
 from .core import Program, Value, iter_values
 from .ops import resolve_op
 from .printer import print_node
@@ -48,6 +49,18 @@ def verify(prog: Program) -> None:
     for v in iter_values(prog.outputs):
         if id(v) not in defined:
             raise ItnetError(f"output %{v.name} is not defined")
+    _check_signatures(prog)
+
+
+def _check_signatures(prog: Program) -> None:
+    """The recorded call and result structures hold as many leaves as the program has inputs and outputs."""
+    for which, spec, count in (("in", prog.in_spec, len(prog.inputs)), ("out", prog.out_spec, len(prog.outputs))):
+        if spec is None:
+            continue
+        leaves = treespec.num_leaves(spec)
+        if leaves != count:
+            what = "inputs" if which == "in" else "outputs"
+            raise ItnetError(f"'signature {which}' holds {leaves} leaves but the program has {count} {what}")
 
 
 def _check_node(node) -> None:
