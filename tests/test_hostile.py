@@ -399,3 +399,42 @@ def test_run_refuses_inputs_a_bundle_sizes_beyond_memory(copy: Path, capsys: pyt
     (copy / "program.itir").write_text(text)
     code, _, err = cli(capsys, "run", copy)
     assert code == 1 and "give a smaller one" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        ('= "conv.weight"', '= "__annotations__"', "not a module path"),
+        ('= "conv.weight"', '= "."', "not a module path"),
+        ('= "conv.weight"', '= "\\u0000"', "not a module path"),
+        ('= "conv.weight"', '= "conv.forward"', "not a module path"),
+        (
+            'signature out "*"',
+            'signature out {"type":"builtins.tuple","context":null,"children":["*","*"]}',
+            "2 leaves",
+        ),
+        (
+            'signature out "*"',
+            'signature out {"type":"collections.OrderedDict","context":null,"children":["*"]}',
+            "key",
+        ),
+        ('signature out "*"', 'signature out {"type":"builtins.dict","context":["a","a"],"children":["*"]}', "key"),
+    ],
+)
+def test_weight_keys_and_signatures_are_checked(old: str, new: str, words: str, copy: Path) -> None:
+    edit(copy, old, new)
+    with pytest.raises(itc.ItnetError, match=words):
+        itc.build(itc.load(copy))
+
+
+def test_meta_with_an_integer_past_the_digit_limit(copy: Path) -> None:
+    (copy / "meta.json").write_text('{"format": 1, "seed": ' + "9" * 5000 + "}")
+    with pytest.raises(itc.ItnetError, match="not valid JSON"):
+        itc.load(copy)
+
+
+@pytest.mark.parametrize("spec", ["library:=1", "library:x", "dense:samples=abc"])
+def test_malformed_plan_specs_are_one_line(spec: str, bundle: Path) -> None:
+    with pytest.raises(itc.ItnetError) as err:
+        itc.build(itc.load(bundle), plan={"*": spec})
+    assert "\n" not in str(err.value)

@@ -31,7 +31,10 @@ def save(prog: Program, path: str | Path) -> None:
     if missing:
         raise ItnetError(f"cannot save: no tensor for weight(s) {sorted(missing)[:3]}")
     tensors = _unshared({k: prog.tensors[k].detach() for k in sorted(keys)})
-    safetensors.torch.save_file(tensors, str(out / "weights.safetensors"))
+    try:
+        safetensors.torch.save_file(tensors, str(out / "weights.safetensors"))
+    except (KeyError, ValueError, TypeError) as e:  # e.g. a dtype safetensors cannot store (complex)
+        raise ItnetError(f"cannot save the weights as safetensors ({first_line(e)})") from None
     meta = {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -122,7 +125,7 @@ def _read_meta(file: Path) -> dict:
         raise ItnetError(f"{file} nests deeper than {MAX_NESTING} levels; it is not a file itnet wrote")
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer past Python's digit limit
         where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
         raise ItnetError(f"{file} is not valid JSON{where}; re-run itnet convert") from None
     if not isinstance(data, dict):

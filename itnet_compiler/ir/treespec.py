@@ -113,12 +113,25 @@ def from_json(data: object, depth: int = 0) -> pytree.TreeSpec:
     if not isinstance(data, dict) or "type" not in data or not isinstance(data.get("children", []), list):
         raise ItnetError("malformed signature in the IR: expected '*' or a {type, context, children} object")
     t = _resolve_type(data["type"])
-    ctx = _context(t, data.get("context"))
-    return pytree.TreeSpec(t, ctx, [from_json(c, depth + 1) for c in data.get("children", [])])
+    children = data.get("children", [])
+    ctx = _context(t, data.get("context"), len(children))
+    return pytree.TreeSpec(t, ctx, [from_json(c, depth + 1) for c in children])
 
 
-def _context(t: object, ctx: object) -> object:
-    """Check a recorded context against its container type; JSON gives only lists, strings, numbers and null."""
+_KEYED = (dict, collections.OrderedDict, fx_containers.immutable_dict)
+
+
+def _context(t: object, ctx: object, n: int) -> object:
+    """Check a recorded context against its container type (a keyed container names one key per child; sequences
+    record none); JSON gives only lists, strings, numbers and null."""
+    keyed = t in _KEYED or (isinstance(t, type) and t.__module__.startswith("transformers."))
+    if keyed and not (isinstance(ctx, list) and len(ctx) == n and len(set(map(repr, ctx))) == n):
+        name = getattr(t, "__name__", t)
+        raise ItnetError(f"malformed signature in the IR: a {name} needs one distinct key per child")
+    if t in (tuple, list, torch.Size, fx_containers.immutable_list) and ctx is not None:
+        raise ItnetError("malformed signature in the IR: a tuple or list records no context")
+    if t is collections.deque and not (ctx is None or (isinstance(ctx, int) and not isinstance(ctx, bool))):
+        raise ItnetError("malformed signature in the IR: a deque's context is its maxlen")
     if t is collections.namedtuple:
         fields = ctx.get("fields") if isinstance(ctx, dict) else None
         name = ctx.get("namedtuple") if isinstance(ctx, dict) else None

@@ -12,6 +12,7 @@ from ..errors import ItnetError
 from . import treespec
 from .core import Program, Value, iter_values
 from .ops import resolve_op
+from .parser import valid_name
 from .printer import print_node
 from .types import TensorType, free_symbols
 
@@ -93,6 +94,14 @@ def _check_node(node) -> None:
 
 
 def _check_weight(prog: Program, key: str, v: Value) -> None:
+    parts = key.split(".")
+    if not all((p.isascii() and p.isdigit()) or (valid_name(p) and not hasattr(torch.nn.Module, p)) for p in parts):
+        raise ItnetError(
+            f"weight key {key[:80]!r} of %{v.name} is not a module path (dotted identifiers that are not nn.Module "
+            "attributes); re-run itnet convert"
+        )
+    if isinstance(v.type, TensorType) and not all(d.is_Integer for d in v.type.shape):
+        raise ItnetError(f"weight '{key}' has the symbolic type {v.type}; weights have static shapes")
     if not prog.tensors:
         return
     t = prog.tensors.get(key)

@@ -48,7 +48,10 @@ def apply_plan(prog: Program, plan: dict[str, str] | str | Path | None) -> Progr
         for pattern, spec in rules.items():
             if not (fnmatch.fnmatchcase(node.layer, pattern) or pattern == node.outputs[0].name):
                 continue
-            name, _ = parse_lowering(spec)
+            try:
+                name, _ = parse_lowering(spec)
+            except ValueError as e:
+                raise ItnetError(f"plan entry {pattern!r}: {e}; write e.g. 'montecarlo:samples=128,seed=0'") from None
             if name not in LOWERINGS[node.family]:
                 continue  # a glob may cover layers of several families; only matching ones take the spec
             reason = node.attrs.admits(name)

@@ -34,6 +34,10 @@ def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) 
         if not hasattr(mod, p):
             mod.add_module(p, torch.nn.Module())
         mod = getattr(mod, p)
+        if not isinstance(mod, torch.nn.Module):
+            raise ItnetError(f"weight key '{key}' nests under the tensor '{p}'; weight keys must form a module tree")
+    if hasattr(mod, name):
+        raise ItnetError(f"weight key '{key}' is given twice or names an existing module attribute")
     if kind == "param":
         mod.register_parameter(name, torch.nn.Parameter(tensor.clone(), requires_grad=tensor.is_floating_point()))
     else:
@@ -77,7 +81,10 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
 
     for node in prog.nodes:
         if node.is_transform:
-            impl, static = resolve(node)
+            try:
+                impl, static = resolve(node)
+            except (ValueError, TypeError) as e:  # an option of the lowering spec that its implementation refuses
+                raise ItnetError(f"lowering {node.lowering!r}: {e}", layer=node.layer or None) from None
             roles = [r.rstrip("?") for r in node.attrs.roles]
             while roles and roles[-1] not in node.kwargs:
                 roles.pop()
