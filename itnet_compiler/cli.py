@@ -31,6 +31,7 @@ from .api import build, convert, load
 from .errors import ItnetError, ParseError
 from .frontend import specs
 from .ir import treespec
+from .ir.bundle import read_json
 from .ir.core import Program
 from .ir.types import DTYPE_NAMES, ScalarType, TensorType
 from .report import example_sizes, print_inspect
@@ -250,7 +251,9 @@ def _record_fallbacks(bundle: str, fallbacks: dict[str, str]) -> None:
     meta_path = Path(bundle) / "meta.json"
     if not meta_path.exists():
         return
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        return
     meta["fallbacks"] = {"backend": "triton", "layers": dict(fallbacks)}
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 

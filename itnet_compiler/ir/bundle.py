@@ -73,7 +73,7 @@ def load(path: str | Path) -> Program:
     text_file = src / "program.itir" if src.is_dir() else src
     if not text_file.exists():
         raise ItnetError(f"no IR bundle at {path}: expected a directory with program.itir (run itnet convert first)")
-    prog = parse(_read_text(text_file, MAX_PROGRAM_BYTES))
+    prog = parse(read_text(text_file, MAX_PROGRAM_BYTES))
     weights = text_file.parent / "weights.safetensors"
     meta = text_file.parent / "meta.json"
     meta_data: dict = {}
@@ -102,7 +102,8 @@ def _regular(file: Path) -> os.stat_result:
     return st
 
 
-def _read_text(file: Path, limit: int) -> str:
+def read_text(file: Path, limit: int) -> str:
+    """A regular file's UTF-8 text, at most ``limit`` bytes, or one ``ItnetError``."""
     if _regular(file).st_size > limit:
         raise ItnetError(f"{file} is larger than {limit >> 20} MiB; it is not a program itnet wrote")
     try:
@@ -118,8 +119,9 @@ def _read_text(file: Path, limit: int) -> str:
         raise ItnetError(f"{file} is not UTF-8 text (byte {e.start}); it is not a file itnet wrote") from None
 
 
-def _read_meta(file: Path) -> dict:
-    text = _read_text(file, MAX_META_BYTES)
+def read_json(file: Path, limit: int = MAX_META_BYTES) -> object:
+    """A regular file's JSON value, bounded in size and depth, or one ``ItnetError``."""
+    text = read_text(file, limit)
     deep = json_depth(text, 0, MAX_NESTING)
     if deep is not None:
         raise ItnetError(f"{file} nests deeper than {MAX_NESTING} levels; it is not a file itnet wrote")
@@ -127,7 +129,12 @@ def _read_meta(file: Path) -> dict:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, or an integer past Python's digit limit
         where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ItnetError(f"{file} is not valid JSON{where}; re-run itnet convert") from None
+        raise ItnetError(f"{file} is not valid JSON{where}") from None
+    return data
+
+
+def _read_meta(file: Path) -> dict:
+    data = read_json(file)
     if not isinstance(data, dict):
         raise ItnetError(f"{file} must hold a JSON object, not {type(data).__name__}; re-run itnet convert")
     for key, ok in _META_CHECKS.items():

@@ -9,10 +9,10 @@ lowering is written into each node's attributes, so the printed IR says what run
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 
 from ..errors import ItnetError
+from ..ir.bundle import read_json
 from ..ir.core import Program
 from ..ir.families import LOWERINGS, parse_lowering
 
@@ -30,10 +30,7 @@ def load_plan(plan: dict[str, str] | str | Path | None) -> dict[str, str]:
     path = Path(plan)
     if not path.exists():
         raise ItnetError(f"plan file {path} does not exist; pass a JSON file mapping layer globs to lowerings")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ItnetError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path)
     if isinstance(data, dict) and isinstance(data.get("layers"), dict):
         data = data["layers"]
     if not isinstance(data, dict):

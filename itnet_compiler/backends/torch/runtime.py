@@ -66,7 +66,10 @@ class RuntimeState:
     def __exit__(self, *exc: object) -> None:
         stack = _ACTIVE.get()
         if not stack or stack[-1] is not self:
-            raise RuntimeError("itnet runtime: a state was left that is not the innermost active one in this context")
+            raise RuntimeError(
+                "itnet runtime: a state was left while another was active inside it in this thread; "
+                "leave states in the reverse order they were entered (nest the with-blocks)"
+            )
         _ACTIVE.set(stack[:-1])
 
     def error_table(self) -> dict[str, dict[str, float | int]]:
