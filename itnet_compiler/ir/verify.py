@@ -95,7 +95,10 @@ def _check_node(node) -> None:
 
 def _check_weight(prog: Program, key: str, v: Value) -> None:
     parts = key.split(".")
-    if not all((p.isascii() and p.isdigit()) or (valid_name(p) and not hasattr(torch.nn.Module, p)) for p in parts):
+    reserved = parts[0].startswith("_itnet")  # the backends' own buffers
+    if reserved or not all(
+        (p.isascii() and p.isdigit()) or (valid_name(p) and not hasattr(torch.nn.Module, p)) for p in parts
+    ):
         raise ItnetError(
             f"weight key {key[:80]!r} of %{v.name} is not a module path (dotted identifiers that are not nn.Module "
             "attributes); re-run itnet convert"

@@ -54,7 +54,7 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
     g = fx.Graph()
     env: dict[int, fx.Node] = {}
     # FX node name -> the IR node and value it computes (run-time type checks, naming the node a forward fails at).
-    declared: dict[str, tuple[Node, Value]] = {}
+    declared: dict[str, tuple[Node, Value | None]] = {}
     for v in prog.inputs:
         env[id(v)] = g.placeholder(v.name)
     for w in prog.weights:
@@ -102,6 +102,7 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
             env[id(node.outputs[0])] = call
             declared[call.name] = (node, node.outputs[0])
         else:
+            declared[call.name] = (node, None)
             for i, v in enumerate(node.outputs):
                 env[id(v)] = item = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
                 declared[item.name] = (node, v)
@@ -188,8 +189,13 @@ class ItnetModule(torch.nn.Module):
             except ItnetError:
                 raise
             except Exception as e:
-                with torch.no_grad():
-                    RuntimeTypeCheck(self.gm, None, check=False).run(*flat)  # raises, naming the node
+                try:
+                    with torch.no_grad():
+                        RuntimeTypeCheck(self.gm, None, check=False).run(*flat)  # raises, naming the node
+                except ItnetError as named:
+                    raise named from e
+                except Exception:
+                    pass
                 raise ItnetError(f"running the program failed ({type(e).__name__}: {first_line(e)})") from e
 
     def _bound_sizes(self, flat: list[object] | tuple[object, ...]) -> dict[str, int]:

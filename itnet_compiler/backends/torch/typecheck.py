@@ -124,8 +124,8 @@ def _check_node(node: Node, env: dict[Value, object], sizes: Sizes, mode: FakeTe
         except ItnetError:
             raise
         except Exception as e:
-            if node.is_transform or isinstance(e, _UNCHECKABLE) or type(e).__name__ in _DATA_DEPENDENT:
-                checkable = False  # transforms check their inputs in the verifier; their code may need data
+            if isinstance(e, _UNCHECKABLE) or type(e).__name__ in _DATA_DEPENDENT:
+                checkable = False  # e.g. a lowering that reads data (.item()) to choose its path
             else:
                 raise ItnetError(
                     f"the op fails on its declared input types ({type(e).__name__}: {first_line(e)}): "
@@ -178,7 +178,7 @@ class RuntimeTypeCheck(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, sizes: dict[str, int] | None, check: bool = True):
         super().__init__(gm)
         self.extra_traceback = False  # FX would append the node and a traceback to our one-line errors
-        self.declared: dict[str, tuple[Node, Value]] = gm.meta.get("itnet_declared", {})
+        self.declared: dict[str, tuple[Node, Value | None]] = gm.meta.get("itnet_declared", {})
         self.sizes = _symbols(sizes or {})
         self.check = check
 
@@ -195,7 +195,7 @@ class RuntimeTypeCheck(fx.Interpreter):
             raise ItnetError(
                 f"running {print_node(node)} failed ({type(e).__name__}: {first_line(e)})", layer=node.layer or None
             ) from e
-        if self.check and entry is not None:
+        if self.check and entry is not None and entry[1] is not None:
             node, v = entry
             why = _mismatch(v.type, out, self.sizes)
             if why is not None:
