@@ -94,7 +94,7 @@ def _fake(t: Type, sizes: Sizes, mode: FakeTensorMode) -> object:
         val = _size_at(t.expr, sizes) if t.expr is not None else None
         return {"int": val if val is not None else 1, "float": 1.0, "bool": False}[t.kind]
     shape = [_size_at(d, sizes) for d in t.shape]
-    if any(n is None or n < 0 for n in shape):
+    if any(n is None or n < 0 or n >= 2**63 for n in shape):
         raise ItnetError(f"type {t} has no size at {_sizes_text(sizes)}; fix the size expressions")
     return torch.empty(shape, dtype=t.dtype)
 
