@@ -5,11 +5,13 @@ prog = itc.convert(model, args)
 mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
 """
 
-from .api import build, convert, load, parse, plan_program
+from .api import build, convert, load, lowerings, parse, plan_program, targets
 from .errors import ItnetError, ParseError
 from .frontend import builtin_converters as _builtin_converters  # noqa: F401  (registers nn.LSTM, nn.GRU, Mamba)
 from .frontend.converters import ConverterContext, register_converter, unregister_converter
-from .ir import FAMILIES, Node, Program, Value
+from .ir import FAMILIES, Lowering, LoweringSpec, Node, Program, Target, Value, register_lowering
+from .ir.fields import Options, option
+from .ir.lowering import unregister_lowering
 
 __version__ = "0.1.0"
 
@@ -17,15 +19,24 @@ __all__ = [
     "FAMILIES",
     "ConverterContext",
     "ItnetError",
+    "Lowering",
+    "LoweringSpec",
     "Node",
+    "Options",
     "ParseError",
     "Program",
+    "Target",
     "Value",
     "build",
     "convert",
     "load",
+    "lowerings",
+    "option",
     "parse",
     "plan_program",
     "register_converter",
+    "register_lowering",
+    "targets",
     "unregister_converter",
+    "unregister_lowering",
 ]

@@ -1,4 +1,4 @@
-"""The public surface (DESIGN §4): convert, parse, load, build."""
+"""The public surface (DESIGN §4): convert, parse, load, build, and the lowering registry."""
 
 from __future__ import annotations
 
@@ -9,12 +9,42 @@ import torch
 
 from .errors import ItnetError
 from .frontend.export import export_model
+from .ir import target as _target
 from .ir.bundle import load as _load
 from .ir.core import Program
+from .ir.lowering import Lowering
+from .ir.lowering import lowerings as _lowerings
 from .ir.parser import parse as _parse
+from .ir.target import TARGETS, Target, get_target
 from .ir.verify import verify
 from .passes import pipeline
 from .passes.choose_lowering import ChooseOptions
+
+
+def _load_backends() -> None:
+    """Import the backends: their registrations fill each target's record of what it runs."""
+    from .backends.torch import lowerings as _torch  # noqa: F401
+    from .backends.triton import codegen as _triton  # noqa: F401
+
+
+_target.LOADER.append(_load_backends)
+
+
+def lowerings(family: str | None = None) -> list[Lowering]:
+    """The lowering records (all, or one family's): options with type, default and range, exactness, error model.
+    Which targets run each: ``itc.targets()``."""
+    _target.ensure_loaded()
+    if family is not None and not _lowerings(family):
+        from .ir.families import FAMILIES
+
+        raise ItnetError(f"unknown family {family!r}; families are: {', '.join(FAMILIES)}")
+    return _lowerings(family)
+
+
+def targets() -> dict[str, Target]:
+    """The target records by name (torch-cpu, torch-cuda, triton): what each runs, its defaults and ceilings."""
+    _target.ensure_loaded()
+    return dict(TARGETS)
 
 
 def convert(
@@ -29,7 +59,7 @@ def convert(
     if not isinstance(args, (tuple, list)):
         args = (args,)
     prog = export_model(model, args, kwargs, dynamic_shapes)
-    return pipeline.recognise(prog)
+    return pipeline.run(prog, phases=("recognise",))
 
 
 def parse(text: str) -> Program:
@@ -49,14 +79,16 @@ def plan_program(
     error_budget: float | None = None,
     sizes: dict[str, int] | None = None,
 ) -> Program:
-    """A copy of ``prog`` with the plan applied and every ``auto`` lowering resolved for ``backend``.
+    """A copy of ``prog`` with the plan applied and every ``auto`` lowering resolved for ``backend`` (a backend,
+    torch or triton, or a target name: torch-cpu, torch-cuda, triton), through the pipeline's ``plan`` phase.
 
     With ``error_budget`` (relative error per layer, 0 = exact only) the cost model chooses the fastest lowering
     whose predicted error fits, at ``sizes`` for the symbolic dimensions (default: the bundle's example sizes)."""
     choose = None
     if error_budget is not None:
         choose = ChooseOptions(error_budget=float(error_budget), sizes=dict(sizes or _example_sizes(prog)))
-    return pipeline.run_steps(prog.clone(), pipeline.plan_steps(plan, backend, choose))
+    ctx = pipeline.Context(target=get_target(backend), plan=plan, choose=choose)
+    return pipeline.run(prog.clone(), ctx, phases=("plan",))
 
 
 def _example_sizes(prog: Program) -> dict[str, int]:
@@ -77,13 +109,9 @@ def build(
     ``plan`` forces lowerings per layer (globs); ``error_budget`` lets the cost model choose the rest (see
     ``plan_program``). The chosen lowerings are in ``module.program``; Monte Carlo layers report their error
     estimates in ``module.error_estimates`` after each forward."""
-    if backend not in ("torch", "triton"):
-        raise ItnetError(f"unknown backend {backend!r}; available: torch, triton")
-    planned = plan_program(prog, plan, backend, error_budget, sizes)
-    from .backends.torch.typecheck import check_program
-
-    check_program(planned)  # declared types against what each op produces (a bundle may declare anything)
-    if backend == "torch":
+    target = get_target(backend)
+    planned = plan_program(prog, plan, target.name, error_budget, sizes)
+    if target.backend == "torch":
         from .backends.torch.codegen import build_torch
 
         return build_torch(planned)

@@ -1,10 +1,11 @@
-"""The ``itnet`` command line (also ``python cli.py`` from a checkout): convert, inspect, run.
+"""The ``itnet`` command line (also ``python cli.py`` from a checkout): convert, inspect, run, lowerings.
 
     itnet convert SPEC -o m.itir [--input name:shape:dtype ...] [--dynamic name:dim[=symbol[:min:max]] ...]
                                  [--config cfg.json] [--seed N]
     itnet inspect m.itir [--cost]
     itnet run m.itir [--check (--source SPEC | --trust-source)] [--plan plan.json] [--lowering 'glob=spec' ...]
-                     [--input ...] [--seed N] [--tol T]
+                     [--input ...] [--seed N] [--tol T] [--error-budget B] [--backend torch|triton|TARGET]
+    itnet lowerings [FAMILY] [--json]
 
 SPEC is ``path/file.py:factory``, ``package.module:factory`` or ``hf:ModelClass`` (with ``--config config.json``).
 A user mistake is one line on stderr (``itnet: error: ...``) and a non-zero exit; ``ITNET_DEBUG=1`` adds the traceback.
@@ -184,6 +185,25 @@ def _load_bundle(path: str) -> Program:
         raise ItnetError(f"malformed IR in {text_file}: {e}") from e
     except ValueError as e:  # a broken meta.json or weights file
         raise ItnetError(f"cannot read the bundle {path}: {specs.first_line(e)}; re-run itnet convert") from e
+
+
+# ---------------------------------------------------------------------------------------------- lowerings
+
+
+def cmd_lowerings(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .api import lowerings
+    from .lowering_table import as_records, print_lowerings
+
+    lowerings(ns.family)  # an unknown family is one error line
+    if ns.json:
+        print(json.dumps(as_records(ns.family), indent=2, default=str))
+        return 0
+    width = None if sys.stdout.isatty() else 200
+    console = Console(file=sys.stdout, width=width, markup=False, highlight=False, emoji=False)
+    print_lowerings(console, ns.family)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -461,9 +481,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--error-budget", type=float, default=None, help="cost model picks lowerings within this error per layer"
     )
-    p.add_argument("--backend", choices=("torch", "triton"), default="torch",
-                   help="torch (CPU/reference) or triton (GPU, or CPU with TRITON_INTERPRET=1)")  # fmt: skip
+    p.add_argument("--backend", choices=("torch", "triton", "torch-cpu", "torch-cuda"), default="torch",
+                   help="torch (CPU/reference) or triton (GPU, or CPU with TRITON_INTERPRET=1), or a target "
+                   "(itnet lowerings lists what each runs)")  # fmt: skip
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("lowerings", help="list each family's lowerings, their options and the targets running them")
+    p.add_argument("family", metavar="FAMILY", nargs="?", help="one family only (stationary, dot_exp, ssm, gated)")
+    p.add_argument("--json", action="store_true", help="the registry as JSON")
+    p.set_defaults(func=cmd_lowerings)
     return parser
 
 
@@ -476,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
         if getattr(ns, "func", None) is None:
-            raise _UsageError("choose a command: convert, inspect or run (see itnet --help)")
+            raise _UsageError("choose a command: convert, inspect, run or lowerings (see itnet --help)")
         return ns.func(ns)
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)

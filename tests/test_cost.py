@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 import itnet_compiler as itc
 from itnet_compiler.backends.torch import lowerings as L
-from itnet_compiler.ir.cost import RULES, Ceilings, Cost, cost_of, evaluate, svd_error
-from itnet_compiler.ir.families import LOWERINGS
+from itnet_compiler.ir.cost import Ceilings, Cost, cost_of, evaluate
+from itnet_compiler.ir.lowering import REGISTRY, lowerings
+from itnet_compiler.ir.lowerings.stationary import svd_error
 from itnet_compiler.passes.choose_lowering import ChooseOptions, choose_lowering
 
 
@@ -44,10 +45,11 @@ def by_family(prog, family):
     return [n for n in prog.transforms if n.family == family]
 
 
-def test_every_lowering_the_design_allows_has_a_cost_rule():
+def test_every_lowering_of_the_pair_kernel_families_has_a_cost_rule():
     for family in ("dot_exp", "stationary"):
-        missing = [n for n in LOWERINGS[family] if n != "auto" and (family, n) not in RULES]
+        missing = [r.name for r in lowerings(family) if r.cost is None]
         assert not missing, (family, missing)
+        assert len(lowerings(family)) >= 5
 
 
 def test_costs_are_symbolic_in_the_dynamic_sizes(mixed):
@@ -161,7 +163,7 @@ def test_montecarlo_sample_count_from_the_budget_meets_it_when_measured(budget):
     prog = itc.convert(conv, (x,))
     (node,) = prog.transforms
     weight = {"weight": conv.weight.detach()}.get
-    fit = RULES[("stationary", "montecarlo")].fit
+    fit = REGISTRY[("stationary", "montecarlo")].fit
     opts = fit(node, budget, {}, weight)
     m = opts["samples"]
     assert opts["proposal"] == "norm" and m < 255
@@ -183,7 +185,7 @@ def test_montecarlo_sample_count_from_the_budget_meets_it_when_measured(budget):
 def test_attention_montecarlo_needs_a_large_budget_to_be_a_candidate(mixed):
     prog, _ = mixed
     (attn,) = by_family(prog, "dot_exp")
-    fit = RULES[("dot_exp", "montecarlo")].fit
+    fit = REGISTRY[("dot_exp", "montecarlo")].fit
     assert fit(attn, 0.05, {"seq": 4096}, None) is None  # would need more samples than columns
     opts = fit(attn, 0.5, {"seq": 4096}, None)
     assert opts is not None and opts["samples"] < 4096

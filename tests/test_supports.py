@@ -144,7 +144,10 @@ def test_ir_window_support_prints_parses_and_is_checked():
     attrs = DotExpAttrs(heads=2, kv_heads=2, scale=0.5, support="window(4)")
     assert attrs.window == 4 and attrs.causal
     assert DotExpAttrs(support="causal").window == 0 and not DotExpAttrs().causal
-    assert attrs.admits("montecarlo") is not None and attrs.admits("fused") is None
+    from itnet_compiler.ir.lowering import REGISTRY
+
+    assert REGISTRY[("dot_exp", "montecarlo")].why_not(attrs) is not None
+    assert REGISTRY[("dot_exp", "fused")].why_not(attrs) is None
     text = """itir 1
 input %q : f32[1,2,8,4]
 input %k : f32[1,2,8,4]

@@ -1,10 +1,13 @@
 """The integral-transform IR: types, program, families, printer, parser, verifier, bundles."""
 
+from . import lowerings as _builtin_lowerings  # noqa: E402,F401  (registers the builtin lowering records)
 from .core import TRANSFORM, Node, Program, Value, Weight
 from .families import FAMILIES, DotExpAttrs, FamilyAttrs, StationaryAttrs, parse_lowering, register_family
+from .lowering import REGISTRY, Lowering, LoweringSpec, lowering, lowerings, register_lowering  # noqa: E402
 from .parser import parse
 from .printer import print_program
 from .recurrent import GatedAttrs, SsmAttrs
+from .target import TARGETS, Target, get_target  # noqa: E402
 from .types import ScalarType, TensorType
 from .verify import verify
 
@@ -13,6 +16,11 @@ __all__ = [
     "TRANSFORM",
     "DotExpAttrs",
     "FamilyAttrs",
+    "Lowering",
+    "LoweringSpec",
+    "REGISTRY",
+    "TARGETS",
+    "Target",
     "GatedAttrs",
     "Node",
     "Program",
@@ -21,6 +29,10 @@ __all__ = [
     "StationaryAttrs",
     "TensorType",
     "Value",
+    "get_target",
+    "lowering",
+    "lowerings",
+    "register_lowering",
     "Weight",
     "parse",
     "parse_lowering",

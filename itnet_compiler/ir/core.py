@@ -63,7 +63,8 @@ class Node:
 
     @property
     def lowering(self) -> str | None:
-        return self.attrs.lowering if self.attrs is not None else None
+        """The lowering spec as text (``montecarlo:samples=128``); ``attrs.lowering`` is the typed spec."""
+        return str(self.attrs.lowering) if self.attrs is not None else None
 
     def input_values(self) -> list[Value]:
         return list(iter_values((self.args, self.kwargs)))

@@ -17,46 +17,22 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import typing
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import sympy
 
+from .fields import INT_ATTR, MAX_STR_ATTR, at_least, check_fields, one_of
+from .lowering import AUTO, LoweringSpec, check_lowering, parse_lowering
 from .types import TensorType, numel
+
+__all__ = ["INT_ATTR", "MAX_STR_ATTR", "at_least", "one_of", "parse_lowering"]
 
 if TYPE_CHECKING:
     from .core import Node
 
 FAMILIES: dict[str, type[FamilyAttrs]] = {}
-
-# DESIGN §2: which lowerings a family admits at all (a backend may implement a subset).
-LOWERINGS: dict[str, tuple[str, ...]] = {
-    "stationary": ("auto", "dense", "fused", "montecarlo", "lowrank", "fft", "library"),
-    "dot_exp": ("auto", "dense", "fused", "montecarlo", "lowrank", "library"),
-    "ssm": ("auto", "dense", "scan", "chunked", "fft"),
-    "gated": ("auto", "scan", "newton", "library"),
-    "mlp": ("auto", "dense", "fused", "montecarlo", "lowrank"),
-    "lowrank": ("auto", "dense", "chunked"),
-}
-
-
-# Attribute integers are sizes, counts and offsets of real layers; 2**31 keeps every derived loop and shape sane.
-INT_ATTR = (0, 2**31 - 1)
-MAX_STR_ATTR = 200
-
-
-def at_least(default: int, lo: int, hi: int = INT_ATTR[1]):
-    """A dataclass field for an integer attribute (or each entry of a tuple of them) in [lo, hi]."""
-    return field(default=default, metadata={"range": (lo, hi)})
-
-
-def one_of(default: str, *choices: str):
-    """A dataclass field for a string attribute with a fixed set of values."""
-    return field(default=default, metadata={"choices": (default, *choices)})
 
 
 def register_family(cls: type[FamilyAttrs]) -> type[FamilyAttrs]:
@@ -64,33 +40,12 @@ def register_family(cls: type[FamilyAttrs]) -> type[FamilyAttrs]:
     return cls
 
 
-def parse_lowering(spec: str) -> tuple[str, dict[str, int | float | str]]:
-    """``name`` or ``name:key=value,...`` -> (name, options); values become int or float where they parse."""
-    name, _, rest = spec.partition(":")
-    opts: dict[str, int | float | str] = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, val = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"lowering option {item!r} is not key=value")
-        opts[key.strip()] = _number(val.strip())
-    return name.strip(), opts
-
-
-def _number(text: str) -> int | float | str:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
 @dataclass(frozen=True, kw_only=True)
 class FamilyAttrs:
     family: ClassVar[str]
     # Input roles in order; a trailing '?' marks an optional one.
     roles: ClassVar[tuple[str, ...]]
-    lowering: str = "auto"
+    lowering: LoweringSpec = LoweringSpec(AUTO)
     measure: str = one_of("uniform", "counting", "importance")
     normalize: bool = False
     support: str = "full"
@@ -99,18 +54,13 @@ class FamilyAttrs:
     def __post_init__(self) -> None:
         """Every attribute has its declared type and range, whoever built the record (a pass, or hostile text):
         the verifier and every backend may then rely on them."""
-        hints = _hints(type(self))
-        for f in dataclasses.fields(self):
-            val = getattr(self, f.name)
-            checked = _checked(f"attribute {f.name} of family {self.family}", hints[f.name], val, f.metadata)
-            if checked is not val:
-                object.__setattr__(self, f.name, checked)
+        check_fields(self, lambda name: f"attribute {name} of family {self.family}")
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"family": self.family}
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
-            out[f.name] = _listify(val)
+            out[f.name] = str(val) if isinstance(val, LoweringSpec) else _listify(val)
         return out
 
     @classmethod
@@ -127,15 +77,11 @@ class FamilyAttrs:
         return dataclasses.replace(self, **changes)
 
     def check(self, node: Node) -> None:
-        name, _ = parse_lowering(self.lowering)
-        if name not in LOWERINGS[self.family]:
-            raise ValueError(f"lowering {name!r} is not one of {', '.join(LOWERINGS[self.family])}")
-        reason = self.admits(name)
-        if reason:
-            raise ValueError(f"lowering {name!r} is not possible here: {reason}")
+        check_lowering(self)
 
     def admits(self, lowering: str) -> str | None:
-        """Why this node cannot take ``lowering`` (a name), or None. The family table is checked separately."""
+        """Why this node cannot take ``lowering`` (a name) whatever its record says, or None. Rules that belong to
+        one lowering live in its record (``Lowering.admits``)."""
         return None
 
     def flops(self, node: Node) -> sympy.Expr:
@@ -147,54 +93,6 @@ class FamilyAttrs:
     def params(self) -> str:
         """A short human summary of the kernel parameters for ``itnet inspect``."""
         return ""
-
-
-@cache
-def _hints(cls: type) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _checked(what: str, hint: object, val: object, meta: typing.Mapping[str, object]) -> object:
-    """``val`` as the type ``hint`` (int, float, bool, str, tuple[T, ...], tuple[A, B]) within ``meta``'s bounds;
-    ValueError naming ``what`` otherwise."""
-    if hint is bool:
-        if not isinstance(val, bool):
-            raise ValueError(f"{what} must be true or false, not {_short(val)}")
-        return val
-    if hint is int:
-        lo, hi = meta.get("range", INT_ATTR)  # type: ignore[misc]
-        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
-            raise ValueError(f"{what} must be an integer in [{lo}, {hi}], not {_short(val)}")
-        return val
-    if hint is float:
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or math.isnan(val):
-            raise ValueError(f"{what} must be a number, not {_short(val)}")
-        return float(val)
-    if hint is str:
-        choices = meta.get("choices")
-        if not isinstance(val, str) or len(val) > MAX_STR_ATTR:
-            raise ValueError(f"{what} must be a string of at most {MAX_STR_ATTR} characters, not {_short(val)}")
-        if choices is not None and val not in choices:
-            raise ValueError(f"{what} must be one of {', '.join(choices)}, not {val!r}")  # type: ignore[arg-type]
-        return val
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is not tuple or not isinstance(val, (tuple, list)):
-        raise ValueError(f"{what} must be a list, not {_short(val)}")
-    if len(args) == 2 and args[1] is Ellipsis:
-        if len(val) > 8:
-            raise ValueError(f"{what} has {len(val)} entries; at most 8")
-        kinds = [args[0]] * len(val)
-    elif len(val) != len(args):
-        raise ValueError(f"{what} must have {len(args)} entries, not {len(val)}")
-    else:
-        kinds = list(args)
-    items = tuple(_checked(what, k, v, meta) for k, v in zip(kinds, val, strict=True))
-    return val if isinstance(val, tuple) and all(a is b for a, b in zip(items, val, strict=True)) else items
-
-
-def _short(val: object) -> str:
-    text = repr(val)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _listify(val: object) -> object:
@@ -343,13 +241,6 @@ class DotExpAttrs(FamilyAttrs):
             raise ValueError(f"mask attribute {self.mask!r} does not match the mask input")
         if len(node.outputs) != (2 if self.return_weights else 1):
             raise ValueError("dot_exp has one output, two when return_weights")
-
-    def admits(self, lowering: str) -> str | None:
-        if self.return_weights and lowering not in ("auto", "dense", "library"):
-            return "the layer returns its attention weights, which only dense and library materialise"
-        if self.window and lowering in ("montecarlo", "lowrank"):
-            return f"{lowering} has no sliding-window support; use fused, dense or library"
-        return None
 
     def flops(self, node: Node) -> sympy.Expr:
         q, v = role_type(node, "q"), role_type(node, "v")

@@ -152,15 +152,15 @@ def _block(bias: torch.Tensor, i0: int, i1: int, j0: int, j1: int, lq: int, lk: 
 
 
 @register("dot_exp", "dense")
-def _(node: Node):
+def _(node: Node, opts: object):
     return attention_dense, _attn_static(node)
 
 
 @register("dot_exp", "library")
-def _(node: Node):
+def _(node: Node, opts: object):
     return attention_library, _attn_static(node)
 
 
-@register("dot_exp", "fused", options=("block_q", "block_k"))
-def _(node: Node):
+@register("dot_exp", "fused", tiles=("block_q", "block_k"))
+def _(node: Node, opts: object):
     return attention_fused, _attn_static(node)

@@ -24,7 +24,7 @@ from ...ir.ops import resolve_op, returns_list
 from ...ir.types import DTYPE_NAMES, TensorType
 from .lowerings import implementation
 from .runtime import RuntimeState
-from .typecheck import RuntimeTypeCheck
+from .typecheck import RuntimeTypeCheck, check_program
 
 
 def _set_attr(root: torch.nn.Module, key: str, tensor: torch.Tensor, kind: str) -> None:
@@ -292,4 +292,5 @@ def _kwarg_order(in_spec: object) -> list[str] | None:
 
 
 def build_torch(prog: Program) -> ItnetModule:
+    check_program(prog)  # declared types against what each op produces (a bundle may declare anything)
     return ItnetModule(prog, generate(prog))

@@ -111,10 +111,10 @@ def _convt_dense(x, weight, bias, stride, padding, dilation, groups, output_padd
 
 
 @register("stationary", "library")
-def _(node: Node):
+def _(node: Node, opts: object):
     return conv_library, geometry(node)
 
 
 @register("stationary", "dense")
-def _(node: Node):
+def _(node: Node, opts: object):
     return conv_dense, geometry(node)

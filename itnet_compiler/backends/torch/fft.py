@@ -58,7 +58,7 @@ def conv_fft_1d(x, weight, bias=None, *, padding, groups, padding_mode):
 
 
 @register("stationary", "fft")
-def _(node: Node):
+def _(node: Node, opts: object):
     a = node.attrs
     assert isinstance(a, StationaryAttrs)
     if a.rank != 1 or a.transposed or a.stride != (1,) or a.dilation != (1,):

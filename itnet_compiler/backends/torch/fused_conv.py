@@ -156,6 +156,6 @@ def conv_static(node: Node) -> dict[str, object]:
     return {**geometry(node), "layer": node.name}
 
 
-@register("stationary", "fused", options=("block",))
-def _(node: Node):
+@register("stationary", "fused", tiles=("block",))
+def _(node: Node, opts: object):
     return conv_fused, conv_static(node)

@@ -10,11 +10,10 @@ from .lowrank_conv import conv_lowrank
 from .montecarlo import attention_montecarlo
 from .montecarlo_conv import conv_montecarlo
 from .recurrent import gated_library, gated_scan, ssm_chunked, ssm_dense, ssm_scan
-from .registry import LOWERINGS, OPTIONS, implementation, register
+from .registry import LOWERINGS, implementation, register
 
 __all__ = [
     "LOWERINGS",
-    "OPTIONS",
     "attention_dense",
     "attention_fused",
     "attention_library",

@@ -30,40 +30,11 @@ import torch
 
 from ...errors import ItnetError
 from ...ir.core import Node
-from ...ir.families import DotExpAttrs, parse_lowering
+from ...ir.families import DotExpAttrs
+from ...ir.lowerings.options import LowRankOptions
 from .pairkernel import DotExpKernel, Factors, PairKernel, causal_keep, expand_kv, orthogonal_gaussian, stabilised
 from .registry import register
 from .runtime import cached
-
-METHODS = ("favor", "nystrom", "learned")
-
-
-@dataclass(frozen=True)
-class LowRankOptions:
-    method: str = "favor"  # favor | nystrom | learned
-    rank: int = 64  # r: features, or landmarks for nystrom
-    seed: int = 0
-    landmarks: str = "strided"  # nystrom: strided | random
-    chunk: int = 256  # causal: rows per chunk of the prefix-sum evaluation
-    local: int = 1  # causal: 1 = the diagonal chunks exactly, 0 = everything factorised
-    steps: int = 100  # learned: Adam steps
-    lr: float = 0.02  # learned: Adam learning rate
-    calib: int = 512  # learned: at most this many columns (and 1/4 as many rows) of calibration data
-
-    @classmethod
-    def make(cls, layer: str = "", **opts: object) -> LowRankOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = set(opts) - known
-        if unknown:
-            raise ItnetError(f"unknown lowrank option(s) {sorted(unknown)}; known: {sorted(known)}", layer=layer)
-        o = cls(**opts)  # type: ignore[arg-type]
-        if o.method not in METHODS:
-            raise ItnetError(f"lowrank method for attention must be one of {', '.join(METHODS)}", layer=layer)
-        if not isinstance(o.rank, int) or o.rank < 1 or not isinstance(o.chunk, int) or o.chunk < 1:
-            raise ItnetError("lowrank rank and chunk must be positive integers", layer=layer)
-        if o.landmarks not in ("strided", "random"):
-            raise ItnetError("lowrank landmarks must be strided or random", layer=layer)
-        return o
 
 
 def linear_transform(phi, psi, v, *, causal: bool, normalized: bool, chunk: int = 256, diagonal=None) -> torch.Tensor:
@@ -216,10 +187,9 @@ def attention_lowrank(q, k, v, mask=None, *, scale, causal, return_weights, laye
 OPTIONS = tuple(f.name for f in fields(LowRankOptions))
 
 
-@register("dot_exp", "lowrank", options=OPTIONS)
-def _(node: Node):
+@register("dot_exp", "lowrank")
+def _(node: Node, opts: object):
     a = node.attrs
     assert isinstance(a, DotExpAttrs)
-    LowRankOptions.make(node.name, **parse_lowering(a.lowering)[1])
     static = {"scale": a.scale, "causal": a.support == "causal", "return_weights": a.return_weights}
     return attention_lowrank, {**static, "layer": node.name}

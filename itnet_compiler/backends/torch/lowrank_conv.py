@@ -22,42 +22,19 @@ so a built module factorises once, not per call.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import ItnetError
 from ...ir.core import Node
-from ...ir.families import parse_lowering
+from ...ir.lowerings.options import ConvLowRankOptions
 from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
 from .registry import register
 from .runtime import cached
 
-METHODS = ("svd", "spatial", "cp", "learned")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-@dataclass(frozen=True)
-class ConvLowRankOptions:
-    method: str = "svd"  # svd | spatial | cp | learned
-    rank: int = 8  # r per group
-    iters: int = 60  # cp: ALS sweeps
-    seed: int = 0  # cp: start; learned: which calibration points
-    calib: int = 4096  # learned: at most this many output points of calibration data
-
-    @classmethod
-    def make(cls, layer: str = "", **opts: object) -> ConvLowRankOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = set(opts) - known
-        if unknown:
-            raise ItnetError(f"unknown lowrank option(s) {sorted(unknown)}; known: {sorted(known)}", layer=layer)
-        o = cls(**opts)  # type: ignore[arg-type]
-        if o.method not in METHODS:
-            raise ItnetError(f"lowrank method for a convolution must be one of {', '.join(METHODS)}", layer=layer)
-        if not isinstance(o.rank, int) or o.rank < 1 or not isinstance(o.iters, int) or o.iters < 1:
-            raise ItnetError("lowrank rank and iters must be positive integers", layer=layer)
-        return o
 
 
 @dataclass(frozen=True)
@@ -222,7 +199,6 @@ def factorize(dc: DirectConv, opts: ConvLowRankOptions, layer: str = "") -> Conv
     return ConvChain(tuple((w.to(dc.weight.dtype), s, d, g) for w, s, d, g in chain.steps))
 
 
-@register("stationary", "lowrank", options=tuple(f.name for f in fields(ConvLowRankOptions)))
-def _(node: Node):
-    ConvLowRankOptions.make(node.name, **parse_lowering(node.attrs.lowering)[1])
+@register("stationary", "lowrank")
+def _(node: Node, opts: object):
     return conv_lowrank, conv_static(node)

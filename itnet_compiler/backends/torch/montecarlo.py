@@ -28,47 +28,13 @@ import torch
 
 from ...errors import ItnetError
 from ...ir.core import Node
-from ...ir.families import DotExpAttrs, parse_lowering
+from ...ir.families import DotExpAttrs
+from ...ir.lowerings.options import MC_MODES, MC_PROPOSALS, MonteCarloOptions
 from .pairkernel import DotExpKernel, PairKernel, expand_kv, gather_rows
 from .registry import register
 from .runtime import ErrorEstimate, report_error
 
-MODES = ("per_row", "shared")
-PROPOSALS = ("uniform", "norm", "lowrank")
-
-
-@dataclass(frozen=True)
-class MonteCarloOptions:
-    samples: int = 64  # M, samples per row
-    mode: str = "per_row"  # per_row | shared
-    proposal: str = "norm"  # uniform | norm | lowrank
-    seed: int = 0
-    rank: int = 16  # features of the lowrank-guided proposal
-    temper: float = 0.0  # lowrank-guided: proposal ∝ K^temper (0: the kernel picks a power its features resolve)
-    defensive: float = 0.1  # uniform share of a non-uniform proposal
-    block: int = 0  # rows per tile; 0 = sized to keep gathered samples near 2^24 elements
-
-    @classmethod
-    def make(cls, layer: str = "", **opts: object) -> MonteCarloOptions:
-        """Validated options from spec keywords (guard first: every bad value names the layer)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(opts) - known
-        if unknown:
-            raise ItnetError(f"unknown montecarlo option(s) {sorted(unknown)}; known: {sorted(known)}", layer=layer)
-        o = cls(**opts)  # type: ignore[arg-type]
-        if not isinstance(o.samples, int) or o.samples < 2:
-            raise ItnetError(f"montecarlo samples must be an integer >= 2, not {o.samples!r}", layer=layer)
-        if o.mode not in MODES:
-            raise ItnetError(f"montecarlo mode must be one of {', '.join(MODES)}, not {o.mode!r}", layer=layer)
-        if o.proposal not in PROPOSALS:
-            raise ItnetError(
-                f"montecarlo proposal must be one of {', '.join(PROPOSALS)}, not {o.proposal!r}", layer=layer
-            )
-        if not 0.0 < float(o.defensive) <= 1.0:
-            raise ItnetError(f"montecarlo defensive share must be in (0, 1], not {o.defensive!r}", layer=layer)
-        if not isinstance(o.rank, int) or o.rank < 1 or not isinstance(o.block, int) or o.block < 0:
-            raise ItnetError("montecarlo rank must be >= 1 and block >= 0 (integers)", layer=layer)
-        return o
+MODES, PROPOSALS = MC_MODES, MC_PROPOSALS
 
 
 @dataclass
@@ -305,10 +271,9 @@ def attention_montecarlo(q, k, v, mask=None, *, scale, causal, return_weights, l
 OPTIONS = tuple(f.name for f in fields(MonteCarloOptions))
 
 
-@register("dot_exp", "montecarlo", options=OPTIONS)
-def _(node: Node):
+@register("dot_exp", "montecarlo")
+def _(node: Node, opts: object):
     a = node.attrs
     assert isinstance(a, DotExpAttrs)
-    MonteCarloOptions.make(node.name, **parse_lowering(a.lowering)[1])  # fail at build time, not on first call
     static = {"scale": a.scale, "causal": a.support == "causal", "return_weights": a.return_weights}
     return attention_montecarlo, {**static, "layer": node.name}

@@ -22,9 +22,8 @@ import math
 import torch
 
 from ...ir.core import Node
-from ...ir.families import parse_lowering
 from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
-from .montecarlo import OPTIONS, MonteCarloOptions, relative
+from .montecarlo import MonteCarloOptions, relative
 from .registry import register
 from .runtime import ErrorEstimate, cached, report_error
 
@@ -147,7 +146,6 @@ def conv_montecarlo(
     return (out, est) if return_error else out
 
 
-@register("stationary", "montecarlo", options=OPTIONS)
-def _(node: Node):
-    MonteCarloOptions.make(node.name, **parse_lowering(node.attrs.lowering)[1])
+@register("stationary", "montecarlo")
+def _(node: Node, opts: object):
     return conv_montecarlo, conv_static(node)

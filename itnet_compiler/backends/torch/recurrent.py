@@ -179,18 +179,18 @@ def _ssm_static(node: Node) -> dict[str, object]:
     return {"dt_softplus": a.dt_softplus, "dt_min": a.dt_min, "dt_max": a.dt_max, "return_state": a.return_state}
 
 
-@register("ssm", "scan", options=("block",))
-def _(node: Node):
+@register("ssm", "scan", tiles=("block",))
+def _(node: Node, opts: object):
     return ssm_scan, _ssm_static(node)
 
 
-@register("ssm", "chunked", options=("chunk", "budget"))
-def _(node: Node):
+@register("ssm", "chunked")
+def _(node: Node, opts: object):
     return ssm_chunked, {**_ssm_static(node), "chunk": node.attrs.chunk}
 
 
 @register("ssm", "dense")
-def _(node: Node):
+def _(node: Node, opts: object):
     return ssm_dense, _ssm_static(node)
 
 
@@ -305,10 +305,10 @@ def _gated_static(node: Node) -> dict[str, object]:
 
 
 @register("gated", "scan")
-def _(node: Node):
+def _(node: Node, opts: object):
     return gated_scan, _gated_static(node)
 
 
 @register("gated", "library")
-def _(node: Node):
+def _(node: Node, opts: object):
     return gated_library, _gated_static(node)

@@ -15,145 +15,143 @@ from collections.abc import Callable
 
 import torch
 
+from ...errors import ItnetError
 from ...ir.core import Node, Program
-from ...ir.families import parse_lowering
+from ...ir.lowering import REGISTRY
+from ...ir.target import TARGETS
 from ..torch.codegen import ItnetModule, generate
-from ..torch.registry import LOWERINGS, OPTIONS, implementation
-from . import attention, conv, gated, ssm
+from ..torch.registry import LOWERINGS, TORCH_TARGETS, implementation, spec_options
+from ..torch.typecheck import check_program
 
-Entry = Callable[[Node], tuple[Callable[..., object], Callable[..., str | None], set[str]]]
+# An entry takes the node and its typed spec options; it returns the kernel and a check (why these inputs are
+# outside what the kernel takes, or None). Kernel modules are imported inside entries: registering needs no triton.
+Entry = Callable[[Node, dict[str, object]], tuple[Callable[..., object], Callable[..., str | None]]]
 KERNELS: dict[tuple[str, str], Entry] = {}
-# Lowerings that are meant to run on the vendor library or the reference: not a fallback when chosen. ``fft`` is
-# cuFFT's work (the pointwise product between the transforms is all a generated kernel could add).
-TORCH_BY_DESIGN = {"library", "dense", "fft"}
+TARGET = TARGETS["triton"]
+# Lowerings the Triton target hands to torch by design (vendor library, reference, cuFFT): not a fallback.
+TORCH_BY_DESIGN = set(TARGET.delegates)
+ATTENTION_TILES = ("block_m", "block_n", "num_warps", "num_stages", "bwd_block_m", "bwd_block_n")
+CONV_TILES = ("block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages")
+MC_ATTENTION_TILES = ("block_s", "block_r", "block_m", "num_warps")
+MC_CONV_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+LOWRANK_TILES = ("block_m", "block_n", "block_d", "split", "num_warps")
 
 
-def register(family: str, lowering: str):
+def register(family: str, lowering: str, tiles: tuple[str, ...] = ()):
+    """Register the Triton kernel of (family, lowering), with the tile options it reads beyond the record's."""
+
     def deco(fn: Entry) -> Entry:
+        if (family, lowering) not in REGISTRY:
+            raise ValueError(f"no lowering record for ({family}, {lowering}); register_lowering it first")
         KERNELS[(family, lowering)] = fn
+        TARGET.add(family, lowering, tiles)
         return fn
 
     return deco
 
 
-@register("dot_exp", "fused")
-def _(node: Node):
-    opts = {"block_m", "block_n", "num_warps", "num_stages", "bwd_block_m", "bwd_block_n"}
+def _no_weights(node: Node, reason: str | None) -> str | None:
+    return "the layer returns its attention weights" if node.attrs.return_weights else reason
+
+
+@register("dot_exp", "fused", ATTENTION_TILES)
+def _(node: Node, opts: dict[str, object]):
+    from . import attention
 
     def check(q, k, v, mask=None, **_: object) -> str | None:
-        if node.attrs.return_weights:
-            return "the layer returns its attention weights"
-        return attention.supported(q, k, v, mask)
+        return _no_weights(node, None) or attention.supported(q, k, v, mask)
 
-    return attention.fused_attention, check, opts
+    return attention.fused_attention, check
 
 
-@register("stationary", "fused")
-def _(node: Node):
+@register("stationary", "fused", CONV_TILES)
+def _(node: Node, opts: dict[str, object]):
+    from . import conv
+
     def check(x, weight, bias=None, **static: object) -> str | None:
         return conv.supported(x, weight, **static)
 
-    options = {"block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages"}
-    return conv.stationary_conv, check, options
+    return conv.stationary_conv, check
 
 
 @register("ssm", "scan")
-def _(node: Node):
+def _(node: Node, opts: dict[str, object]):
+    from . import ssm
+
     def check(x, dt, A, B, C, *rest, **_: object) -> str | None:
         return ssm.supported(x, dt, A, B, C)
 
-    return ssm.ssm_scan, check, set()
+    return ssm.ssm_scan, check
 
 
 @register("gated", "scan")
-def _(node: Node):
+def _(node: Node, opts: dict[str, object]):
+    from . import gated
+
     def check(x, weights, *rest, **static: object) -> str | None:
         return gated.supported(x, weights, **static)
 
-    return gated.gated_scan, check, set()
+    return gated.gated_scan, check
 
 
 @register("ssm", "chunked")
-def _(node: Node):
+def _(node: Node, opts: dict[str, object]):
     from . import ssd
 
     def check(x, dt, A, B, C, *rest, **_: object) -> str | None:
         return ssd.supported(x, dt, A, B, C)
 
-    return ssd.ssd_chunked, check, {"chunk", "budget"}
+    return ssd.ssd_chunked, check
 
 
-@register("dot_exp", "montecarlo")
-def _(node: Node):
-    from ..torch.montecarlo import OPTIONS as MC_OPTIONS
-    from ..torch.montecarlo import MonteCarloOptions
+@register("dot_exp", "montecarlo", MC_ATTENTION_TILES)
+def _(node: Node, opts: dict[str, object]):
     from . import montecarlo
 
-    MonteCarloOptions.make(node.name, **{k: v for k, v in parse_lowering(node.attrs.lowering)[1].items()
-                                         if k in MC_OPTIONS})  # fmt: skip
-
     def check(q, k, v, mask=None, **_: object) -> str | None:
-        if node.attrs.return_weights:
-            return "the layer returns its attention weights"
-        return montecarlo.supported(q, k, v, mask)
+        return _no_weights(node, None) or montecarlo.supported(q, k, v, mask)
 
-    # The sampling options are semantic: they reach the kernel through ``opts`` and the torch fallback through the
-    # ``ref_opts`` that resolve binds (the options the torch lowering declares); the tile sizes only the kernel.
-    return montecarlo.montecarlo_attention, check, set(MC_OPTIONS) | montecarlo.TILE_OPTIONS
+    return montecarlo.montecarlo_attention, check
 
 
-@register("dot_exp", "lowrank")
-def _(node: Node):
-    from ..torch.lowrank import LowRankOptions
+@register("dot_exp", "lowrank", LOWRANK_TILES)
+def _(node: Node, opts: dict[str, object]):
     from . import lowrank
 
-    rank = parse_lowering(node.attrs.lowering)[1].get("rank", LowRankOptions.rank)
+    rank = int(opts.get("rank", REGISTRY[("dot_exp", "lowrank")].options().rank))  # type: ignore[attr-defined]
 
     def check(q, k, v, mask=None, **static: object) -> str | None:
-        return lowrank.supported(q, k, v, mask, rank=int(rank), **static)
+        return lowrank.supported(q, k, v, mask, rank=rank, **static)
 
-    # method, rank, seed, chunk, local, ... are semantic: they reach the kernel through ``opts`` and the torch
-    # fallback through the ``ref_opts`` that resolve binds; the tile sizes (block_m, ...) only the kernel.
-    return lowrank.attention_lowrank, check, set(lowrank.OPTIONS)
+    return lowrank.attention_lowrank, check
 
 
-@register("stationary", "lowrank")
-def _(node: Node):
-    from ..torch.lowrank_conv import ConvLowRankOptions
+@register("stationary", "lowrank", CONV_TILES)
+def _(node: Node, opts: dict[str, object]):
     from . import conv_approx
-
-    ConvLowRankOptions.make(node.name, **{k: v for k, v in parse_lowering(node.attrs.lowering)[1].items()
-                                          if k not in conv_approx.CONV_TILES})  # fmt: skip
 
     def check(x, weight, bias=None, **static: object) -> str | None:
         return conv_approx.lowrank_supported(x, weight, **static)
 
-    # method, rank, iters, seed, calib are semantic (the factorisation, done by the torch lowering's own code): they
-    # reach the kernel through ``opts`` and the torch fallback through ``ref_opts``; the conv tiles only the kernel.
-    return conv_approx.conv_lowrank, check, conv_approx.LOWRANK_OPTIONS
+    return conv_approx.conv_lowrank, check
 
 
-@register("stationary", "montecarlo")
-def _(node: Node):
-    from ..torch.montecarlo import OPTIONS as MC_OPTIONS
-    from ..torch.montecarlo import MonteCarloOptions
+@register("stationary", "montecarlo", MC_CONV_TILES)
+def _(node: Node, opts: dict[str, object]):
     from . import conv_approx
 
-    spec = parse_lowering(node.attrs.lowering)[1]
-    MonteCarloOptions.make(node.name, **{k: v for k, v in spec.items() if k in MC_OPTIONS})
-    mode = spec.get("mode", MonteCarloOptions.mode)
+    mode = opts.get("mode", REGISTRY[("stationary", "montecarlo")].options().mode)  # type: ignore[attr-defined]
 
     def check(x, weight, bias=None, **static: object) -> str | None:
         return conv_approx.montecarlo_supported(x, weight, **{**static, "mode": mode})
 
-    # The sampling options are semantic (same draw as the torch lowering, same seed); the tiles only the kernel.
-    return conv_approx.conv_montecarlo, check, conv_approx.MONTECARLO_OPTIONS
+    return conv_approx.conv_montecarlo, check
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:
     """The torch implementation of the same lowering (options dropped), or the exact ``library`` one if torch has
     none: what a layer runs when its kernel cannot."""
-    name, _ = parse_lowering(node.attrs.lowering)
+    name = node.attrs.lowering.name
     if (node.family, name) not in LOWERINGS:
         name = "library"
     plain = Node(node.op, node.args, node.kwargs, node.outputs, node.attrs.replace(lowering=name), node.layer)
@@ -175,23 +173,25 @@ class TritonBuild:
         warnings.warn(f"itnet: layer '{layer}' runs on the torch backend: {reason}", stacklevel=3)
 
     def resolve(self, node: Node) -> tuple[Callable[..., object], dict[str, object]]:
-        name, opts = parse_lowering(node.attrs.lowering)
+        spec = node.attrs.lowering
+        family, name = node.family, spec.name
+        if (family, name) not in REGISTRY:
+            raise ItnetError(f"lowering '{name}' is not one of family {family}'s", layer=node.layer or None)
+        entry = KERNELS.get((family, name))
+        torch_tiles = TARGETS[TORCH_TARGETS[0]].tiles(family, name)
+        tiles = TARGET.runs[(family, name)] if entry is not None else torch_tiles
+        opts = spec_options(node, spec, tiles)
         ref, static = _torch_impl(node)
-        # The fallback keeps the spec's options that the torch lowering takes too (chunked:chunk=32).
-        ref_opts = {k: v for k, v in opts.items() if k in OPTIONS.get((node.family, name), set())}
-        entry = KERNELS.get((node.family, name))
+        # The fallback keeps the record's options and the torch tiles (chunked:chunk=32); Triton tiles are dropped.
+        fields = set(vars(REGISTRY[(family, name)].options()))
+        ref_opts = {k: v for k, v in opts.items() if k in fields or k in torch_tiles}
+        ref_opts = ref_opts if (family, name) in LOWERINGS else {}
         if entry is None:  # the torch lowering is the call target itself: its options travel as static kwargs
-            if name not in TORCH_BY_DESIGN:
-                self.fall_back(node.layer, f"no Triton kernel for {node.family} lowering '{name}'")
+            if not TARGET.delegated(family, name):
+                self.fall_back(node.layer, f"no Triton kernel for {family} lowering '{name}'")
             return ref, {**static, **ref_opts}
         ref = functools.partial(ref, **ref_opts) if ref_opts else ref
-        kernel, check, known = entry(node)
-        bad = set(opts) - known
-        if bad:
-            from ...errors import ItnetError
-
-            raise ItnetError(f"unknown Triton option(s) {sorted(bad)} for '{name}'; known: {sorted(known)}",
-                             layer=node.layer)  # fmt: skip
+        kernel, check = entry(node, opts)
         torch_static = {k: v for k, v in static.items() if k not in opts}
         return self._guard(node.layer, kernel, check, ref, torch_static, opts), torch_static
 
@@ -223,6 +223,7 @@ def _can_launch(args: tuple) -> bool:
 
 
 def build_triton(prog: Program) -> ItnetModule:
+    check_program(prog)  # declared types against what each op produces (a bundle may declare anything)
     tb = TritonBuild()
     mod = ItnetModule(prog, generate(prog, tb.resolve))
     mod.fallbacks = tb.fallbacks
