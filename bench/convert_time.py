@@ -8,7 +8,7 @@ Everything runs in one fresh subprocess, so the first ("cold") figures are what 
 - ``import``: torch, itnet_compiler and transformers imported;
 - ``export``: ``itnet_compiler.frontend.export.export_model`` (torch.export non-strict, then itnet's importer; the
   warm rows also time ``torch.export.export`` and ``import_exported`` (the importer) on their own);
-- ``recognise``: ``itnet_compiler.passes.pipeline.recognise`` on that program;
+- ``recognise``: the pipeline's ``recognise`` phase (``pipeline.run(prog, phases=("recognise",))``) on that program;
 - ``convert`` = export + recognise (exactly what ``itc.convert`` runs);
 - ``save``: ``Program.save`` of the bundle (IR text, safetensors weights, meta.json) to a temporary directory;
 - ``cli-like`` = import + model construction + convert + save.
@@ -90,7 +90,7 @@ def child(layers: int, seq: int, repeats: int, profile: bool) -> dict[str, objec
             return t, _dir_bytes(Path(d))
 
     raw, t_export = _timed(lambda: export_model(model, args, kwargs))
-    prog, t_recognise = _timed(lambda: pipeline.recognise(raw))
+    prog, t_recognise = _timed(lambda: pipeline.run(raw, phases=("recognise",)))
     t_save, bundle_bytes = save(prog)
     cold = {
         "import_s": t_import,
@@ -111,7 +111,7 @@ def child(layers: int, seq: int, repeats: int, profile: bool) -> dict[str, objec
         warm["importer_s"].append(t)
         raw, t = _timed(lambda: export_model(model, args, kwargs))
         warm["export_s"].append(t)
-        _, t = _timed(lambda raw=raw: pipeline.recognise(raw))
+        _, t = _timed(lambda raw=raw: pipeline.run(raw, phases=("recognise",)))
         warm["recognise_s"].append(t)
         prog, t = _timed(lambda: itc.convert(model, args, kwargs))
         warm["convert_s"].append(t)

@@ -42,7 +42,7 @@ from itnet_compiler.backends.torch.fused_conv import direct_form  # noqa: E402
 from itnet_compiler.backends.torch.lowrank import LowRankOptions, fit_features  # noqa: E402
 from itnet_compiler.backends.torch.lowrank_conv import ConvLowRankOptions, factorize  # noqa: E402
 from itnet_compiler.backends.torch.runtime import RuntimeState  # noqa: E402
-from itnet_compiler.ir.cost import svd_error  # noqa: E402
+from itnet_compiler.ir.lowerings.stationary import svd_error  # noqa: E402
 
 
 def peak_bytes(fn) -> int:

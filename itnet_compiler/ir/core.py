@@ -69,7 +69,7 @@ class Node:
     def input_values(self) -> list[Value]:
         return list(iter_values((self.args, self.kwargs)))
 
-    def replace_uses(self, mapping: dict[int, Arg]) -> None:
+    def replace_uses(self, mapping: dict[Value, Arg]) -> None:
         self.args = [substitute(a, mapping) for a in self.args]
         self.kwargs = {k: substitute(v, mapping) for k, v in self.kwargs.items()}
 
@@ -112,19 +112,20 @@ class Program:
         for n in self.nodes:
             yield from n.outputs
 
-    def users(self) -> dict[int, list[Node]]:
-        """id(value) -> nodes that read it (outputs are not counted; see ``output_ids``)."""
-        out: dict[int, list[Node]] = {}
+    def users(self) -> dict[Value, list[Node]]:
+        """value -> nodes that read it (outputs are not counted; see ``output_ids``)."""
+        out: dict[Value, list[Node]] = {}
         for n in self.nodes:
             for v in n.input_values():
-                out.setdefault(id(v), []).append(n)
+                out.setdefault(v, []).append(n)
         return out
 
-    def output_ids(self) -> set[int]:
-        return {id(v) for v in iter_values(self.outputs)}
+    def output_ids(self) -> set[Value]:
+        """The program's output values (a set: values hash by identity)."""
+        return set(iter_values(self.outputs))
 
-    def producers(self) -> dict[int, Node]:
-        return {id(v): n for n in self.nodes for v in n.outputs}
+    def producers(self) -> dict[Value, Node]:
+        return {v: n for n in self.nodes for v in n.outputs}
 
     def weight_of(self, value: Value) -> Weight | None:
         for w in self.weights:
@@ -165,9 +166,9 @@ def iter_values(arg: Arg) -> Iterator[Value]:
             yield from iter_values(a)
 
 
-def substitute(arg: Arg, mapping: dict[int, Arg]) -> Arg:
+def substitute(arg: Arg, mapping: dict[Value, Arg]) -> Arg:
     if isinstance(arg, Value):
-        return mapping.get(id(arg), arg)
+        return mapping.get(arg, arg)
     if isinstance(arg, list):
         return [substitute(a, mapping) for a in arg]
     if isinstance(arg, tuple):

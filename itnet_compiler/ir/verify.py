@@ -18,7 +18,7 @@ from .types import TensorType, free_symbols
 
 
 def verify(prog: Program) -> None:
-    defined: set[int] = set()
+    defined: set[Value] = set()
     names: set[str] = set()
     declared = set(prog.symbols)
 
@@ -29,7 +29,7 @@ def verify(prog: Program) -> None:
         if bad:
             raise ItnetError(f"%{v.name} uses undeclared size symbol(s) {sorted(bad)}; add a 'symbol' line")
         names.add(v.name)
-        defined.add(id(v))
+        defined.add(v)
 
     for v in prog.inputs:
         define(v, "input")
@@ -39,7 +39,7 @@ def verify(prog: Program) -> None:
     for node in prog.nodes:
         line = print_node(node)
         for v in node.input_values():
-            if id(v) not in defined:
+            if v not in defined:
                 raise ItnetError(f"uses %{v.name} before it is defined: {line}", layer=node.layer or None)
         try:
             _check_node(node)
@@ -48,7 +48,7 @@ def verify(prog: Program) -> None:
         for v in node.outputs:
             define(v, line)
     for v in iter_values(prog.outputs):
-        if id(v) not in defined:
+        if v not in defined:
             raise ItnetError(f"output %{v.name} is not defined")
     _check_signatures(prog)
 

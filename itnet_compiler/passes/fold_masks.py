@@ -28,16 +28,16 @@ _DROPPED = -1e30  # additive entries at or below this admit nothing (HF writes f
 
 def fold_masks(prog: Program) -> Program:
     producers = prog.producers()
-    weights = {id(w.value): w for w in prog.weights}
-    values: dict[int, torch.Tensor | None] = {}  # one evaluation per mask, however many layers share it
+    weights = {w.value: w for w in prog.weights}
+    values: dict[Value, torch.Tensor | None] = {}  # one evaluation per mask, however many layers share it
     for node in prog.transforms:
         attrs = node.attrs
         mask = node.kwargs.get("mask")
         if not isinstance(attrs, DotExpAttrs) or not isinstance(mask, Value):
             continue
-        if id(mask) not in values:
-            values[id(mask)] = _evaluate(prog, mask, producers, weights)
-        value = values[id(mask)]
+        if mask not in values:
+            values[mask] = _evaluate(prog, mask, producers, weights)
+        value = values[mask]
         support = _support(node, attrs, value) if value is not None else None
         if support is None:
             continue
@@ -50,21 +50,21 @@ def _static(v: Value) -> bool:
     return isinstance(v.type, TensorType) and not free_symbols(v.type)
 
 
-def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights: dict) -> torch.Tensor | None:
+def _evaluate(prog: Program, target: Value, producers: dict[Value, Node], weights: dict) -> torch.Tensor | None:
     """The value of ``target`` if it depends on constants only, at static sizes; else None."""
     needed: list[Node] = []
-    seen: set[int] = set()
+    seen: set[Value] = set()
     stack = [target]
     while stack:
         v = stack.pop()
-        if id(v) in seen:
+        if v in seen:
             continue
-        seen.add(id(v))
-        if id(v) in weights:
-            if weights[id(v)].kind != "const" or weights[id(v)].key not in prog.tensors:
+        seen.add(v)
+        if v in weights:
+            if weights[v].kind != "const" or weights[v].key not in prog.tensors:
                 return None  # parameters and buffers belong to the state dict: they may be loaded anew
             continue
-        node = producers.get(id(v))
+        node = producers.get(v)
         if node is None or node.is_transform or not _static(v):
             return None  # a program input, a transform's result, or a symbolic size
         if any(tag in node.op for tag in _NONDETERMINISTIC):
@@ -73,14 +73,14 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
         stack.extend(node.input_values())
     if int(numel(tensor_type(target))) > _MAX_PAIRS or _written(prog, seen):
         return None
-    order = {id(n): i for i, n in enumerate(prog.nodes)}
+    order = {n: i for i, n in enumerate(prog.nodes)}
     # CPU copies: evaluation never touches the program's own tensors, wherever they live
-    env: dict[int, object] = {id(w.value): prog.tensors[w.key].to("cpu", copy=True)
-                              for w in prog.weights if id(w.value) in seen}  # fmt: skip
+    env: dict[Value, object] = {w.value: prog.tensors[w.key].to("cpu", copy=True)
+                              for w in prog.weights if w.value in seen}  # fmt: skip
 
     def arg(a: object) -> object:
         if isinstance(a, Value):
-            return env[id(a)]
+            return env[a]
         if isinstance(a, list):
             return [arg(x) for x in a]
         if isinstance(a, torch.device):
@@ -88,14 +88,14 @@ def _evaluate(prog: Program, target: Value, producers: dict[int, Node], weights:
         return a
 
     try:
-        for node in sorted(set(needed), key=lambda n: order[id(n)]):
+        for node in sorted(set(needed), key=lambda n: order[n]):
             out = resolve_op(node.op)(*[arg(a) for a in node.args], **{k: arg(a) for k, a in node.kwargs.items()})
             outs = list(out) if returns_list(node.op) or len(node.outputs) > 1 else [out]  # type: ignore[arg-type]
             for v, o in zip(node.outputs, outs, strict=True):
-                env[id(v)] = o
+                env[v] = o
     except (RuntimeError, ValueError, TypeError):
         return None  # an op that does not run eagerly on constants: leave the mask alone
-    result = env[id(target)]
+    result = env[target]
     return result if isinstance(result, torch.Tensor) else None
 
 
@@ -107,7 +107,7 @@ def _schema(op: str) -> torch.FunctionSchema | None:
     return getattr(fn, "_schema", None)
 
 
-def _written(prog: Program, values: set[int]) -> bool:
+def _written(prog: Program, values: set[Value]) -> bool:
     """Whether any node writes in place into one of ``values`` or into a view of one (``m[:, 3:] = x`` exports as a
     slice and a ``fill_`` / ``copy_`` of it, which the mask value's producers never show)."""
     aliases = set(values)
@@ -118,10 +118,10 @@ def _written(prog: Program, values: set[int]) -> bool:
         args = list(node.args) + [node.kwargs.get(a.name) for a in schema.arguments[len(node.args) :]]
         for a, arg in zip(schema.arguments, args, strict=False):
             info = a.alias_info
-            if info is not None and info.is_write and isinstance(arg, Value) and id(arg) in aliases:
+            if info is not None and info.is_write and isinstance(arg, Value) and arg in aliases:
                 return True
-        if any(r.alias_info is not None for r in schema.returns) and any(id(v) in aliases for v in node.input_values()):
-            aliases.update(id(v) for v in node.outputs)  # a view shares its base's memory
+        if any(r.alias_info is not None for r in schema.returns) and any(v in aliases for v in node.input_values()):
+            aliases.update(node.outputs)  # a view shares its base's memory
     return False
 
 

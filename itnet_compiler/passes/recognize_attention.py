@@ -169,9 +169,9 @@ def _chain(m: Match) -> Rewrite | None:
 
 def _read_after(m: Match, v: Value) -> bool:
     """Every reader of ``v`` comes after the anchor, so it may read the transform's second output instead."""
-    order = {id(n): i for i, n in enumerate(m.prog.nodes)}
-    anchor = order[id(m.node)]
-    return all(order[id(n)] > anchor for n in m.users.get(id(v), []) if n is not m.node)
+    order = {n: i for i, n in enumerate(m.prog.nodes)}
+    anchor = order[m.node]
+    return all(order[n] > anchor for n in m.users.get(v, []) if n is not m.node)
 
 
 def _is_identity(n: Node) -> bool:
@@ -366,17 +366,17 @@ def _emit(
     t = Node(TRANSFORM, [], inputs, outs, attrs, layer)
     nodes = [*pre, t]
     if not three:
-        replace = {id(out): outs[0]}
+        replace = {out: outs[0]}
         if weights is not None:
-            replace[id(weights)] = outs[1]
+            replace[weights] = outs[1]
         return Rewrite(nodes, replace)
     sq = _node(m, "aten.squeeze.dim", [outs[0], 1], ot, layer, out.name)
     nodes.append(sq)
-    replace = {id(out): sq.outputs[0]}
+    replace = {out: sq.outputs[0]}
     if weights is not None:
         sw = _node(m, "aten.squeeze.dim", [outs[1], 1], _tt(weights), layer, weights.name + "_sq")
         nodes.append(sw)
-        replace[id(weights)] = sw.outputs[0]
+        replace[weights] = sw.outputs[0]
     return Rewrite(nodes, replace)
 
 

@@ -92,7 +92,7 @@ def _convert(m: Match) -> Rewrite | None:
         inputs["bias"] = a["bias"]
     out = node.outputs[0]
     new = Node(TRANSFORM, [], inputs, [Value(out.name, out.type)], attrs, node.layer)
-    return Rewrite([new], {id(out): new.outputs[0]})
+    return Rewrite([new], {out: new.outputs[0]})
 
 
 def _fold_pad(m: Match, x: Value, attrs: StationaryAttrs) -> tuple[Value, StationaryAttrs]:

@@ -20,9 +20,9 @@ from ..ir.ops import resolve_op
 class Match:
     prog: Program
     node: Node
-    producers: dict[int, Node]
-    users: dict[int, list[Node]]
-    outputs: set[int]
+    producers: dict[Value, Node]
+    users: dict[Value, list[Node]]
+    outputs: set[Value]
 
     _taken: set[str] | None = None
 
@@ -38,23 +38,25 @@ class Match:
         return name
 
     def producer(self, v: object) -> Node | None:
-        return self.producers.get(id(v)) if isinstance(v, Value) else None
+        return self.producers.get(v) if isinstance(v, Value) else None
 
     def only_user(self, v: Value) -> Node | None:
         """The single node reading ``v``, or None if there are several readers or ``v`` is a program output."""
-        us = self.users.get(id(v), [])
-        if len(us) != 1 or id(v) in self.outputs:
+        us = self.users.get(v, []) if isinstance(v, Value) else []
+        if len(us) != 1 or v in self.outputs:
             return None
         return us[0]
 
     def n_uses(self, v: Value) -> int:
-        return len(self.users.get(id(v), [])) + (id(v) in self.outputs)
+        if not isinstance(v, Value):
+            return 0
+        return len(self.users.get(v, [])) + (v in self.outputs)
 
 
 @dataclass
 class Rewrite:
     nodes: list[Node]
-    replace: dict[int, Value] = field(default_factory=dict)
+    replace: dict[Value, Value] = field(default_factory=dict)
 
 
 Rule = tuple[tuple[str, ...], Callable[[Match], Rewrite | None]]
@@ -79,12 +81,12 @@ def apply_rules(prog: Program, rules: Sequence[Rule], max_rounds: int = 20) -> i
             if rw is None:
                 i += 1
                 continue
-            whole = all(id(v) in rw.replace for v in node.outputs)
+            whole = all(v in rw.replace for v in node.outputs)
             prog.nodes[i : i + 1] = rw.nodes if whole else [*rw.nodes, node]
             mapping = dict(rw.replace)
-            new = {id(n) for n in rw.nodes}
+            new = {n for n in rw.nodes}
             for n in prog.nodes:
-                if id(n) not in new:
+                if n not in new:
                     n.replace_uses(mapping)
             prog.outputs = [substitute(a, mapping) for a in prog.outputs]
             count += 1

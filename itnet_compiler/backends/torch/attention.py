@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ...errors import ItnetError
 from ...ir.core import Node
 from ...ir.families import DotExpAttrs
+from .pairkernel import expand_kv, logit_bias
 from .registry import register
 
 
@@ -34,17 +35,6 @@ def support_keep(lq: int, lk: int, window: int, device: torch.device) -> torch.T
     cols = torch.arange(lk, device=device)[None, :]
     keep = cols <= rows
     return keep & (rows - cols < window) if window else keep
-
-
-def _expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    rep = q.shape[1] // t.shape[1]
-    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
-
-
-def _logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).expand(mask.shape)
 
 
 def logits_may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
@@ -76,9 +66,9 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window
     static = {"scale": scale, "causal": causal, "return_weights": return_weights, "window": window}
     if logits_may_overflow(q, k, scale):
         return _in_float64(attention_dense, q, k, v, mask, **static)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
+    k, v = expand_kv(q, k), expand_kv(q, v)
     s = torch.matmul(q * scale, k.transpose(-2, -1))
-    bias = _logit_bias(mask, s.dtype)
+    bias = logit_bias(mask, s.dtype)
     if bias is not None:
         s = s + bias
     if causal:
@@ -110,8 +100,8 @@ def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, window
     if logits_may_overflow(q, k, scale):
         static = {"scale": scale, "causal": causal, "return_weights": False, "window": window}
         return _in_float64(attention_fused, q, k, v, mask, **static, block_q=block_q, block_k=block_k)
-    k, v = _expand_kv(q, k), _expand_kv(q, v)
-    bias = _logit_bias(mask, q.dtype)
+    k, v = expand_kv(q, k), expand_kv(q, v)
+    bias = logit_bias(mask, q.dtype)
     lq, lk = q.shape[-2], k.shape[-2]
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for i0 in range(0, lq, block_q):

@@ -52,16 +52,16 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
     """``resolve`` maps an it.transform node to (callable, static kwargs); other backends pass their own."""
     root = torch.nn.Module()
     g = fx.Graph()
-    env: dict[int, fx.Node] = {}
+    env: dict[Value, fx.Node] = {}
     # FX node name -> the IR node and value it computes (run-time type checks, naming the node a forward fails at).
     declared: dict[str, tuple[Node, Value | None]] = {}
     for v in prog.inputs:
-        env[id(v)] = g.placeholder(v.name)
+        env[v] = g.placeholder(v.name)
     for w in prog.weights:
         if w.key not in prog.tensors:
             raise ItnetError(f"no tensor for weight '{w.key}'; load the program from its bundle")
         _set_attr(root, w.key, prog.tensors[w.key], w.kind)
-        env[id(w.value)] = g.get_attr(w.key)
+        env[w.value] = g.get_attr(w.key)
 
     # Devices baked into the exported graph (``arange(..., device=cpu)``) become the device of a buffer that moves
     # with the module, so ``module.to("cuda")`` runs every op where the weights are.
@@ -72,7 +72,7 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
 
     def arg(a: object) -> object:
         if isinstance(a, Value):
-            return env[id(a)]
+            return env[a]
         if isinstance(a, list):
             return [arg(x) for x in a]
         if isinstance(a, torch.device) and device_node is not None:
@@ -99,12 +99,12 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
             name = node.outputs[0].name if node.outputs else None
             call = g.create_node("call_function", fn, tuple(arg(a) for a in node.args), kwargs, name=name)
         if len(node.outputs) == 1 and not _returns_list(node):
-            env[id(node.outputs[0])] = call
+            env[node.outputs[0]] = call
             declared[call.name] = (node, node.outputs[0])
         else:
             declared[call.name] = (node, None)
             for i, v in enumerate(node.outputs):
-                env[id(v)] = item = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
+                env[v] = item = g.create_node("call_function", operator.getitem, (call, i), name=v.name)
                 declared[item.name] = (node, v)
     g.output(tuple(arg(a) for a in prog.outputs))
     gm = fx.GraphModule(root, g, class_name="ItnetGenerated")

@@ -10,19 +10,14 @@ from ...ir.core import Node
 from ...ir.families import StationaryAttrs
 from .registry import register
 
+# The seven keywords every stationary lowering takes: the convolution's geometry, as the family's attributes say.
+GEOMETRY = ("stride", "padding", "dilation", "groups", "transposed", "output_padding", "padding_mode")
+
 
 def geometry(node: Node) -> dict[str, object]:
     a = node.attrs
     assert isinstance(a, StationaryAttrs)
-    return {
-        "stride": a.stride,
-        "padding": a.padding,
-        "dilation": a.dilation,
-        "groups": a.groups,
-        "transposed": a.transposed,
-        "output_padding": a.output_padding,
-        "padding_mode": a.padding_mode,
-    }
+    return {k: getattr(a, k) for k in GEOMETRY}
 
 
 def _pad_input(x: torch.Tensor, padding, mode: str) -> torch.Tensor:

@@ -16,17 +16,13 @@ from __future__ import annotations
 import torch
 
 from ...ir.core import Node
-from .fused_conv import add_bias, conv_static, direct_form, nonempty
+from .fused_conv import add_bias, conv_static, direct_of
 from .registry import LOWERINGS, register
 from .runtime import cached
 
 
-def conv_fft(
-    x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding, padding_mode, layer=""
-):
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+def conv_fft(x, weight, bias=None, *, layer="", **geometry):
+    dc = direct_of(x, weight, geometry, layer)
     out_size = dc.out_size
     xp, w = dc.x, dc.weight
     rank = xp.dim() - 2
@@ -45,7 +41,7 @@ def conv_fft(
         wf = torch.fft.rfftn(wd, s=size, dim=dims).conj()
         return wf.reshape(g, cout // g, cin_g, -1).permute(0, 3, 2, 1).contiguous()
 
-    key = (layer, "fft-weight", tuple(size), tuple(dc.dilation), bool(transposed))
+    key = (layer, "fft-weight", tuple(size), tuple(dc.dilation), bool(geometry["transposed"]))
     wf = cached(key, (weight,), weight_spectrum)
     # Per group and frequency one [N, C/g] × [C/g, O/g] product: a batched matmul over (group, frequency), on
     # contiguous operands (strided complex batches make bmm copy every matrix).

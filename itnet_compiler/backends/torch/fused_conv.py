@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ...errors import ItnetError
 from ...ir.core import Node
-from .conv import conv_dense, geometry
+from .conv import GEOMETRY, conv_dense, geometry
 from .registry import register
 
 
@@ -103,25 +103,22 @@ def nonempty(dc: DirectConv, layer: str) -> DirectConv:
     return dc
 
 
-def conv_fused(
-    x,
-    weight,
-    bias=None,
-    *,
-    stride,
-    padding,
-    dilation,
-    groups,
-    transposed,
-    output_padding,
-    padding_mode,
-    block=0,
-    layer="",
-):
+def split_geometry(kw: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """(the seven geometry keywords, the rest: the lowering's options) of a stationary lowering's keywords."""
+    missing = [k for k in GEOMETRY if k not in kw]
+    if missing:
+        raise TypeError(f"missing convolution geometry {missing}")
+    return {k: kw[k] for k in GEOMETRY}, {k: v for k, v in kw.items() if k not in GEOMETRY}
+
+
+def direct_of(x, weight, geometry: dict[str, object], layer: str = "") -> DirectConv:
+    """``direct_form`` of a layer's geometry, refusing an empty output: the first step of every direct lowering."""
+    return nonempty(direct_form(x, weight, **geometry, layer=layer), layer)  # type: ignore[arg-type]
+
+
+def conv_fused(x, weight, bias=None, *, block=0, layer="", **geometry):
     """Exact convolution by tiles of output rows; memory O(N) beyond the output (the padded input)."""
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+    dc = direct_of(x, weight, geometry, layer)
     out_size = dc.out_size
     rank = x.dim() - 2
     k = dc.weight.shape[2:]

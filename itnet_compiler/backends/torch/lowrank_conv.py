@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ...errors import ItnetError
 from ...ir.core import Node
 from ...ir.lowerings.options import ConvLowRankOptions
-from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
+from .fused_conv import DirectConv, add_bias, conv_static, direct_of, point_rows, split_geometry, tap_input, tap_list
 from .registry import register
 from .runtime import cached
 
@@ -155,25 +155,10 @@ def learned_chain(dc: DirectConv, opts: ConvLowRankOptions) -> ConvChain:
     return channel_chain(dc, u.transpose(1, 2) @ w, u)
 
 
-def conv_lowrank(
-    x,
-    weight,
-    bias=None,
-    *,
-    stride,
-    padding,
-    dilation,
-    groups,
-    transposed,
-    output_padding,
-    padding_mode,
-    layer="",
-    **options,
-):
+def conv_lowrank(x, weight, bias=None, *, layer="", **kw):
+    geometry, options = split_geometry(kw)
     opts = ConvLowRankOptions.make(layer, **options)
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+    dc = direct_of(x, weight, geometry, layer)
     return add_bias(chain_for(dc, weight, opts, layer)(dc.x), bias)
 
 

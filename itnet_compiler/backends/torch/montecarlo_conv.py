@@ -22,7 +22,7 @@ import math
 import torch
 
 from ...ir.core import Node
-from .fused_conv import DirectConv, add_bias, conv_static, direct_form, nonempty, point_rows, tap_input, tap_list
+from .fused_conv import DirectConv, add_bias, conv_static, direct_of, point_rows, split_geometry, tap_input, tap_list
 from .montecarlo import MonteCarloOptions, relative
 from .registry import register
 from .runtime import ErrorEstimate, cached, report_error
@@ -117,27 +117,11 @@ def conv_montecarlo_direct(dc: DirectConv, opts: MonteCarloOptions, layer: str, 
     return out, float(var.detach().sum())  # the error estimate is a report, not part of the graph
 
 
-def conv_montecarlo(
-    x,
-    weight,
-    bias=None,
-    *,
-    stride,
-    padding,
-    dilation,
-    groups,
-    transposed,
-    output_padding,
-    padding_mode,
-    layer="",
-    return_error=False,
-    **options,
-):
+def conv_montecarlo(x, weight, bias=None, *, layer="", return_error=False, **kw):
     """Unbiased sampled convolution; with ``return_error`` also its ``ErrorEstimate``."""
+    geometry, options = split_geometry(kw)
     opts = MonteCarloOptions.make(layer, **options)
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+    dc = direct_of(x, weight, geometry, layer)
     y, var = conv_montecarlo_direct(dc, opts, layer, weight)
     err = math.sqrt(var)
     out = add_bias(y, bias)

@@ -211,8 +211,8 @@ def layout_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | No
     return None
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
-    """Why the kernel cannot take these inputs, or None when it can."""
+def operand_reason(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+    """The head-dim, mask and dtype limits every dot_exp kernel shares; None when the operands fit."""
     if q.shape[-1] != v.shape[-1]:
         return "value head dim differs from query head dim"
     if q.shape[-1] > 256:
@@ -221,6 +221,14 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return "the additive mask needs a gradient"
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {q.dtype}"
+    return None
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    reason = operand_reason(q, v, mask)
+    if reason is not None:
+        return reason
     if q.shape[0] * q.shape[1] > GRID_Y:
         return f"batch × heads above {GRID_Y} (the kernels' grid axis)"
     return None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 import triton
 
-from ..torch.fused_conv import direct_form, nonempty, tap_list
+from ..torch.fused_conv import direct_of, split_geometry, tap_list
 from ..torch.lowrank_conv import ConvLowRankOptions, chain_for
 from ..torch.montecarlo import MonteCarloOptions, relative
 from ..torch.montecarlo_conv import _proposal, _tap_scores
@@ -49,13 +49,11 @@ def lowrank_supported(x, weight, **static: object) -> str | None:
     return conv.supported(x, weight, **static)
 
 
-def conv_lowrank(x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding,
-                 padding_mode, layer="", **options):  # fmt: skip
+def conv_lowrank(x, weight, bias=None, *, layer="", **kw):
+    geometry, options = split_geometry(kw)
     semantic, tiles = _split(options, {f.name for f in fields(ConvLowRankOptions)})
     opts = ConvLowRankOptions.make(layer, **semantic)
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+    dc = direct_of(x, weight, geometry, layer)
     chain = chain_for(dc, weight, opts, layer)
     y = dc.x
     for i, (w, s, d, g) in enumerate(chain.steps):
@@ -179,14 +177,12 @@ class _SampledTaps(torch.autograd.Function):
         return dx, dw.view(weight.shape).to(weight.dtype), db, None, None, None, None, None, None, None, None
 
 
-def conv_montecarlo(x, weight, bias=None, *, stride, padding, dilation, groups, transposed, output_padding,
-                    padding_mode, layer="", return_error=False, **options):  # fmt: skip
+def conv_montecarlo(x, weight, bias=None, *, layer="", return_error=False, **kw):
     """The torch lowering's shared-mode estimate and error estimate, computed by the sampled-taps kernels."""
+    geometry, options = split_geometry(kw)
     semantic, tile_opts = _split(options, {f.name for f in fields(MonteCarloOptions)})
     opts = MonteCarloOptions.make(layer, **semantic)
-    dc = nonempty(direct_form(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              transposed=transposed, output_padding=output_padding, padding_mode=padding_mode,
-                              layer=layer), layer)  # fmt: skip
+    dc = direct_of(x, weight, geometry, layer)
     taps = tap_list(dc)
     m = opts.samples
     # The torch lowering's draw, step by step: one generator, proposal scores (constants: the estimate divides by

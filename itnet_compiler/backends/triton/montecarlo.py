@@ -22,7 +22,7 @@ from ..torch.montecarlo import MonteCarloOptions, _exact_rows, draw, estimate_er
 from ..torch.pairkernel import DotExpKernel, expand_kv
 from ..torch.runtime import report_error
 from . import loader
-from .attention import INDEX_LIMIT, layout_reason
+from .attention import INDEX_LIMIT, layout_reason, operand_reason
 from .templates.montecarlo import DOT_EXP_SAMPLED, MONTECARLO
 
 
@@ -169,14 +169,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     slices = [_slice_extent(t) for t in (q, k, v) + ((mask,) if mask is not None else ())]
     if max(*slices, max(q.shape[2], k.shape[2]) * q.shape[-1]) >= INDEX_LIMIT:
         return "a (batch, head) slice of 2³¹ elements or more (the kernels index inside one with 32-bit offsets)"
-    if q.shape[-1] != v.shape[-1]:
-        return "value head dim differs from query head dim"
-    if q.shape[-1] > 256:
-        return "head dim above 256"
-    if mask is not None and mask.requires_grad:
-        return "the additive mask needs a gradient"
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype}"
+    reason = operand_reason(q, v, mask)
+    if reason is not None:
+        return reason
     if not (q.dtype == k.dtype == v.dtype):
         return "query, key and value dtypes differ"
     return None
