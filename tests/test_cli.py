@@ -119,7 +119,8 @@ def test_inspect_cnn_lists_layers_families_and_generic_ops(
 
 
 def test_run_check_cnn(cnn_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "run", cnn_bundle, "--check", "--trust-source", "--lowering", "*=dense", "--seed", "3")
+    args = ("--check", "--trust-source", "--lowering", "*=dense", "--seed", "3")
+    code, out, _ = run_cli(capsys, "run", cnn_bundle, *args)
     assert code == 0
     assert "10 dense" in out and "output 0: f32[2, 10]" in out
     assert max_rel_error(out) < 1e-5

@@ -51,19 +51,35 @@ def _rules(rules) -> Callable[[Program, Context], Program]:
     return run
 
 
+def _dce(prog: Program, ctx: Context) -> Program:
+    return dce(prog)
+
+
+def _fold(prog: Program, ctx: Context) -> Program:
+    return fold_masks(prog)
+
+
+def _plan(prog: Program, ctx: Context) -> Program:
+    return apply_plan(prog, ctx.plan, ctx.target)
+
+
 def _choose(prog: Program, ctx: Context) -> Program:
     return prog if ctx.choose is None else choose_auto(prog, ctx.choose, ctx.target)
 
 
+def _resolve(prog: Program, ctx: Context) -> Program:
+    return resolve_auto(prog, ctx.target)
+
+
 PIPELINE: list[Step] = [
-    Step("dce", "recognise", lambda p, c: dce(p), "drop what nothing reads (export leaves dead shape ops)"),
+    Step("dce", "recognise", _dce, "drop what nothing reads (export leaves dead shape ops)"),
     Step("recognise-convolution", "recognise", _rules(recognize_conv.RULES), "aten convolutions -> stationary"),
     Step("recognise-attention", "recognise", _rules(recognize_attention.RULES), "SDPA and softmax chains -> dot_exp"),
-    Step("fold-constant-masks", "recognise", lambda p, c: fold_masks(p), "constant masks -> causal / window support"),
-    Step("dce-after-recognition", "recognise", lambda p, c: dce(p), "drop the ops the rewrites replaced"),
-    Step("apply-plan", "plan", lambda p, c: apply_plan(p, c.plan, c.target), "the user's plan, checked"),
+    Step("fold-constant-masks", "recognise", _fold, "constant masks -> causal / window support"),
+    Step("dce-after-recognition", "recognise", _dce, "drop the ops the rewrites replaced"),
+    Step("apply-plan", "plan", _plan, "the user's plan, checked against the registry and the target"),
     Step("choose-lowering", "plan", _choose, "the cost model within an error budget (only with one)"),
-    Step("resolve-auto", "plan", lambda p, c: resolve_auto(p, c.target), "every auto -> the target's exact default"),
+    Step("resolve-auto", "plan", _resolve, "every auto -> the target's exact default"),
 ]
 PHASES = ("recognise", "plan")
 
