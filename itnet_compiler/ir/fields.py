@@ -143,10 +143,6 @@ class Options:
         except ValueError as e:
             raise ItnetError(str(e), layer=layer or None) from None
 
-    def given(self) -> dict[str, object]:
-        """The options that differ from their defaults (what a spec needs to say)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
-
 
 def coerce(hint: object, val: object) -> object:
     """Spec text is untyped (``seed=0``): a bool field takes 0/1/true/false, a float field an integer."""

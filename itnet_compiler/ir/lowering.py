@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ItnetError
@@ -80,9 +80,6 @@ class LoweringSpec:
     def __hash__(self) -> int:
         return hash(str(self))
 
-    def __len__(self) -> int:  # text-like: ``len(attrs.lowering)``
-        return len(str(self))
-
 
 def _number(text: str) -> Value:
     for conv in (int, float):
@@ -129,8 +126,6 @@ class Lowering:
     # Approximations: the cheapest options meeting an error budget at given sizes, or None when none can.
     fit: Fit | None = None
     error_model: str = ""  # the a-priori error model in words (``itnet lowerings``)
-    # Set by ``register_lowering``: registered in ``ir/`` (builtin) or by a user.
-    origin: str = field(default="", compare=False)
 
     def parse_options(self, given: Mapping[str, Value], extra: frozenset[str] = frozenset()) -> Options:
         """Typed options from spec keywords; keys in ``extra`` (a target's tiles) are skipped. ValueError naming
@@ -182,9 +177,8 @@ def register_lowering(
         raise ValueError(f"lowering name {name!r} must be a lower-case identifier other than 'auto'")
 
     def deco(cost: CostRule | None) -> CostRule | None:
-        origin = getattr(cost, "__module__", "") if cost is not None else ""
         REGISTRY[(family, name)] = Lowering(
-            family, name, exact, options, doc, admits, cost, fit, error_model or ("0 (exact)" if exact else ""), origin
+            family, name, exact, options, doc, admits, cost, fit, error_model or ("0 (exact)" if exact else "")
         )
         return cost
 

@@ -40,11 +40,14 @@ def register(family: str, name: str, tiles: tuple[str, ...] = ()):
     return deco
 
 
-def spec_options(node: Node, spec: LoweringSpec, tiles: frozenset[str]) -> dict[str, object]:
-    """The spec's options as typed keywords: record options with their declared types, tiles as checked integers.
-    One ItnetError naming the layer and the valid options otherwise."""
-    rec = REGISTRY[(node.family, spec.name)]
-    typed = rec.make(spec, node.name, tiles)
+def spec_options(
+    node: Node, spec: LoweringSpec, tiles: frozenset[str], typed: Options | None = None
+) -> dict[str, object]:
+    """The spec's options as typed keywords: record options with their declared types (``typed``: the record's
+    options already made from the spec), tiles as checked integers. One ItnetError naming the layer and the valid
+    options otherwise."""
+    if typed is None:
+        typed = REGISTRY[(node.family, spec.name)].make(spec, node.name, tiles)
     out: dict[str, object] = {}
     lo, hi = TILE_RANGE
     for key, val in spec.options:
@@ -68,6 +71,6 @@ def implementation(node: Node) -> tuple[Impl, dict[str, object]]:
             layer=node.layer,
         )
     tiles = TARGETS[TORCH_TARGETS[0]].tiles(node.family, spec.name)
-    opts = spec_options(node, spec, tiles)
-    impl, static = entry(node, REGISTRY[(node.family, spec.name)].make(spec, node.name, tiles))
-    return impl, {**static, **opts}
+    typed = REGISTRY[(node.family, spec.name)].make(spec, node.name, tiles)
+    impl, static = entry(node, typed)
+    return impl, {**static, **spec_options(node, spec, tiles, typed)}
