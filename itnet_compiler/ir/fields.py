@@ -37,7 +37,7 @@ def option(
     *,
     lo: float | None = None,
     hi: float | None = None,
-    choices: tuple[str, ...] | None = None,
+    choices: tuple[str, ...] | tuple[int, ...] | None = None,
     tune: tuple[object, ...] | None = None,
 ):
     """A lowering option: its default, a one-line ``doc``, its bounds (numbers: [lo, hi]; strings: ``choices``,
@@ -85,6 +85,9 @@ def checked(what: str, hint: object, val: object, meta: typing.Mapping[str, obje
         lo, hi = meta.get("range", INT_ATTR)  # type: ignore[misc]
         if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
             raise ValueError(f"{what} must be an integer in [{lo}, {hi}], not {short(val)}")
+        choices = meta.get("choices")
+        if choices is not None and val not in choices:
+            raise ValueError(f"{what} must be one of {', '.join(map(str, choices))}, not {val}")  # type: ignore[arg-type]
         return val
     if hint is float:
         if not isinstance(val, (int, float)) or isinstance(val, bool) or math.isnan(val):

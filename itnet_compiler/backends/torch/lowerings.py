@@ -5,6 +5,7 @@ from .conv import conv_dense, conv_library
 from .fft import conv_fft_1d
 from .fft_conv import conv_fft
 from .fused_conv import conv_fused
+from .hybrid import attention_hybrid
 from .lowrank import attention_lowrank
 from .lowrank_conv import conv_lowrank
 from .montecarlo import attention_montecarlo
@@ -16,6 +17,7 @@ __all__ = [
     "LOWERINGS",
     "attention_dense",
     "attention_fused",
+    "attention_hybrid",
     "attention_library",
     "attention_lowrank",
     "attention_montecarlo",

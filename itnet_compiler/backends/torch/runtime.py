@@ -43,9 +43,14 @@ class ErrorEstimate:
     rel: float
     samples: int
     fallback_rows: int = 0  # rows computed exactly because none of their samples fell in their support
+    parts: dict[str, float] | None = None  # the estimate's components, where it combines several (hybrid)
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"abs": self.abs, "rel": self.rel, "samples": self.samples, "fallback_rows": self.fallback_rows}
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"abs": self.abs, "rel": self.rel, "samples": self.samples}
+        out["fallback_rows"] = self.fallback_rows
+        if self.parts is not None:
+            out["parts"] = dict(self.parts)
+        return out
 
 
 @dataclass

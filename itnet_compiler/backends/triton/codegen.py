@@ -33,6 +33,7 @@ TORCH_BY_DESIGN = set(TARGET.delegates)
 ATTENTION_TILES = ("block_m", "block_n", "num_warps", "num_stages", "bwd_block_m", "bwd_block_n")
 CONV_TILES = ("block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages")
 MC_ATTENTION_TILES = ("block_s", "block_r", "block_m", "num_warps")
+HYBRID_TILES = ("block_s", "num_warps")
 MC_CONV_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 LOWRANK_TILES = ("block_m", "block_n", "block_d", "split", "num_warps")
 
@@ -112,6 +113,16 @@ def _(node: Node, opts: dict[str, object]):
         return _no_weights(node, None) or montecarlo.supported(q, k, v, mask)
 
     return montecarlo.montecarlo_attention, check
+
+
+@register("dot_exp", "hybrid", HYBRID_TILES)
+def _(node: Node, opts: dict[str, object]):
+    from . import hybrid
+
+    def check(q, k, v, mask=None, **_: object) -> str | None:
+        return _no_weights(node, None) or hybrid.supported(q, k, v, mask)
+
+    return hybrid.hybrid_attention, check
 
 
 @register("dot_exp", "lowrank", LOWRANK_TILES)

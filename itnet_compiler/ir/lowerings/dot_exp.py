@@ -2,7 +2,9 @@
 
 Error models (relative Frobenius error of the layer's output, before any measurement): exact lowerings 0;
 ``montecarlo`` sqrt(L_k / (e^H·M)) with H = ``ATTENTION_ENTROPY`` nats (trained models have H ≤ 3; measured errors of
-random peaked attention sit near this); ``lowrank`` unknown (∞): only the tuner, which measures, can choose it.
+random peaked attention sit near this); ``hybrid`` unknown before a measurement (its kept blocks cover the mass that
+structure puts in them, which no formula over shapes knows: the tuner measures it, and its run-time estimate reports
+it); ``lowrank`` unknown (∞): only the tuner, which measures, can choose it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..core import Node
 from ..cost import UNKNOWN, Cost, evaluate, itemsize, nbytes, out_type, role
 from ..families import DotExpAttrs
 from ..lowering import register_lowering
-from .options import LowRankOptions, MonteCarloOptions
+from .options import HybridOptions, LowRankOptions, MonteCarloOptions
 
 ATTENTION_ENTROPY = 3.0
 
@@ -159,3 +161,26 @@ def _(node, opts, tensors):
     if s.causal:
         apply += 2 * s.bh * s.lq * opts.chunk * (r + s.dv)
     return Cost(features + apply, s.io + s.e * s.bh * (s.lq + s.lk) * r, UNKNOWN)
+
+
+@register_lowering(
+    "dot_exp",
+    "hybrid",
+    exact=False,
+    options=HybridOptions,
+    admits=_approx_admits,
+    doc="exact key blocks chosen per query block by probe rows, the uncovered rest importance-sampled",
+    error_model="unknown a priori: the share of mass the kept blocks hold depends on the data (run-time estimate: "
+    "the larger of the sampling variance and the probe rows' measured error)",
+)
+def _(node, opts, tensors):
+    if node.attrs.return_weights:
+        return None
+    s = _attn(node)
+    bs = sympy.Integer(opts.block)
+    nq = s.lq / bs
+    cols = sympy.Min(sympy.Integer(opts.blocks) * bs, s.lk * (sympy.Rational(1, 2) + 1 / (2 * nq) if s.causal else 1))
+    probes = 2 * s.bh * nq * opts.probes * s.lk * (s.d + s.dv) + 5 * s.bh * nq * opts.probes * s.lk
+    kept = 2 * s.bh * s.lq * (cols + opts.samples) * (s.d + s.dv) + 5 * s.bh * s.lq * (cols + opts.samples)
+    gathered = s.e * s.bh * nq * (cols + opts.samples) * (s.d + s.dv)  # each query block's key set, read once
+    return Cost(probes + kept, s.io + gathered + 4 * s.bh * nq * s.lk * opts.probes, UNKNOWN)
