@@ -26,10 +26,12 @@ Error estimate (``ErrorEstimate``; what ``module.error_estimates[layer]`` shows)
 
 - ``sampling``: the delta-method variance of the ratio, per row Var ≈ [M Σ_m t_m²‖v_m - y‖² - ‖Σ_m t_m (v_m - y)‖²]
   / (M - 1) with t_m the normalised weight of sample m, summed over rows (it cannot see a mass no sample hit);
-- ``probe``: the probes' own rows, whose exact outputs step 1 already gives for one more product: their true
-  error, scaled up to all rows (it sees a missed peak when the probe rows have it).
+- ``check``: ``checks`` rows per query block, drawn uniformly and held out from every choice above, scored exactly
+  with the probes (one more row of the same product): their true error, scaled up to all rows (stratified), sees
+  what no sample could, a peak the selection missed (random peaked inputs) or the bias of pooled values.
 
-``rel`` is the larger of the two relative errors (an estimate must not under-report); both are reported. Seeded
+``rel`` is √(sampling² + check²) (conservative: the check rows measure the sampling error too, so it counts twice;
+an estimate must not under-report); both parts are reported. Seeded
 runs are deterministic: one ``torch.Generator`` on the tensors' device, consumed in query-block order.
 """
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,8 +57,8 @@ ELEMENTS = 1 << 22  # most elements of one chunk's logits (probes, or a chunk of
 @dataclass(frozen=True)
 class Chunk:
     """The selection of query blocks [g0, g1): kept block ids [BH, G, K] (valid where ``ok``), sampled columns
-    ``idx`` [BH, G, M] with log-weights ``logw`` (-inf: no sample), the check rows [G, C], their exact outputs
-    [BH, G, C, Dv] and the rows each check row stands for."""
+    ``idx`` [BH, G, M] with log-weights ``logw`` (-inf: no sample), the check rows [BH, G, C] (within their block),
+    their exact outputs [BH, G, C, Dv] and their importance weights 1/(C·π) [BH, G, C]."""
 
     g0: int
     g1: int
@@ -66,7 +68,7 @@ class Chunk:
     logw: torch.Tensor
     check_rows: torch.Tensor
     check_out: torch.Tensor
-    check_weight: torch.Tensor  # [G]: rows of the block / check rows
+    check_weight: torch.Tensor
 
 
 class Problem:
@@ -93,6 +95,10 @@ class Problem:
         self.kbar = self.k.view(bh, self.nk, bs, self.d).sum(2) / counts[:, None]  # mean key per block
         self.vbar = self.v.view(bh, self.nk, bs, self.dv).sum(2) / counts[:, None]  # mean value per block
         self.log_count = counts.log()
+        kb = self.k.view(bh, self.nk, bs, self.d)
+        live = (torch.arange(bs, device=q.device)[None, :] < counts[:, None])[None, :, :, None]  # [1, nK, bs, 1]
+        self.kmax = kb.masked_fill(~live, float("-inf")).amax(2)  # per-channel bounds of each key block
+        self.kmin = kb.masked_fill(~live, float("inf")).amin(2)
 
     def bias_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
         """The mask's bias at rows [..., R] × cols [BH, ..., C] (broadcast), padded pairs -inf; None without a mask."""
@@ -111,7 +117,7 @@ def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
 def _chunk_blocks(p: Problem) -> int:
     """Query blocks per chunk: logits of the probes and of the key sets stay near ``ELEMENTS``."""
     o, bh = p.opts, p.q.shape[0]
-    per_block = bh * max(o.probes * p.nk * p.bs, p.bs * (o.blocks * p.bs + o.samples))
+    per_block = bh * max((o.probes + o.checks) * p.nk * p.bs, p.bs * (o.blocks * p.bs + o.samples))
     return max(1, min(p.nq, ELEMENTS // max(per_block, 1)))
 
 
@@ -131,40 +137,21 @@ def select(p: Problem) -> Iterator[Chunk]:
         blocks = torch.arange(g0, g1, device=dev)
         starts = blocks * bs
         n_rows = (p.lq - starts).clamp(max=bs)  # real rows per block
-        # 1. probes (stratified rows of each block) and check rows (uniform, held out from every choice below),
-        # scored against every key
-        u = torch.rand(g, o.probes + o.checks, generator=gen, device=dev, dtype=torch.float64)
-        strata = torch.cat([torch.arange(o.probes, device=dev, dtype=torch.float64) / o.probes,
-                            torch.zeros(o.checks, device=dev, dtype=torch.float64)])  # fmt: skip
-        spread = torch.cat([torch.full((o.probes,), 1.0 / o.probes, device=dev, dtype=torch.float64),
-                            torch.ones(o.checks, device=dev, dtype=torch.float64)])  # fmt: skip
-        rows = starts[:, None] + ((strata + u * spread) * n_rows[:, None]).long()
-        rows = torch.minimum(rows, (starts + n_rows - 1)[:, None])  # [G, P + C]
-        nc = g * o.checks
-        flat_rows = torch.cat([rows[:, o.probes :].flatten(), rows[:, : o.probes].flatten()])  # checks first
-        s = torch.matmul(p.q[:, flat_rows] * p.scale, p.k[:, : nkc * bs].transpose(-2, -1))  # [BH, G·(C+P), nkc·bs]
-        b = p.bias_at(flat_rows, cols.expand(s.shape[0], -1))
-        if b is not None:
-            s += b
-        dead = cols[None, :] >= p.lk
-        if p.causal:
-            dead = dead | (cols[None, :] > flat_rows[:, None])
-        s.masked_fill_(dead, float("-inf"))
-        if b is not None:  # a mask may empty a probe row: it then attends to nothing
-            s.masked_fill_(torch.isneginf(s).all(-1, keepdim=True), 0.0)
-            s.masked_fill_(dead, float("-inf"))
-        prob = torch.softmax(s, -1)
-        check_out = torch.matmul(prob[:, :nc], p.v[:, : nkc * bs]).view(-1, g, o.checks, p.dv)  # checks' exact y
-        prob = prob[:, nc:].reshape(-1, g, o.probes, nkc * bs)
+        # 1. probes: stratified rows of each block, scored against every key they admit
+        u = torch.rand(g, o.probes, generator=gen, device=dev, dtype=torch.float64)
+        strata = (torch.arange(o.probes, device=dev, dtype=torch.float64) + u) / o.probes
+        rows = torch.minimum(starts[:, None] + (strata * n_rows[:, None]).long(), (starts + n_rows - 1)[:, None])
+        prob = _exact_rows(p, rows.flatten().expand(p.q.shape[0], -1), nkc)  # [BH, G·P, nkc·bs]
+        prob = prob.view(-1, g, o.probes, nkc * bs)
         pbar = prob.view(-1, g, o.probes, nkc, bs).mean(2)  # [BH, G, nkc, bs]: the probes' mean row
         # every row against each key block's mean key: Σ_{j∈J} e^{s_ij} ≈ |J|·e^{q_i·k̄_J} (Jensen: from below)
         pooled = torch.matmul(p.q.view(-1, p.nq, bs, p.d)[:, g0:g1] * p.scale, p.kbar[:, None, :nkc].transpose(-2, -1))
         pooled += p.log_count[:nkc]
         if p.causal:
             pooled.masked_fill_(kb > blocks[:, None, None], float("-inf"))
-        pooled = torch.softmax(pooled, -1)
+        pooled_rows = torch.softmax(pooled, -1)  # [BH, G, bs, nkc]
         real = (torch.arange(bs, device=dev)[None, :] < n_rows[:, None]).to(pooled.dtype)  # [G, bs]
-        pooled = torch.einsum("xgin,gi->xgn", pooled, real) / n_rows[:, None]  # [BH, G, nK]
+        pooled = torch.einsum("xgin,gi->xgn", pooled_rows, real) / n_rows[:, None]  # [BH, G, nK]
         mass = 0.5 * (pbar.sum(-1) + pooled)  # [BH, G, nK]
         # 2. kept blocks: the diagonal first (slot 0, the only one causal masking touches), then by priority
         i = blocks[:, None]
@@ -211,8 +198,40 @@ def select(p: Problem) -> Iterator[Chunk]:
         within = share * torch.gather(pj, -1, off[..., None])[..., 0] / pj_tot.clamp_min(1e-30) + (1 - share) / count
         density = torch.gather(q_blk, -1, blk).double() * within.double()
         logw = (-torch.log(o.samples * density)).masked_fill(none[..., None], float("-inf"))
-        weight = n_rows.double() / max(o.checks, 1)
-        yield Chunk(g0, g1, kept, ok, blk * bs + off, logw, rows[:, o.probes :], check_out, weight)
+        # 4. check rows, drawn after every choice (held out from them): per block, C rows from π_r = ½·r_r/Σr + ½/n
+        # with r_r the row's pooled uncovered mass (rows at risk are checked more often); weight 1/(C·π_r)
+        qrows = p.q.view(-1, p.nq, bs, p.d)[:, g0:g1] * p.scale
+        ub = torch.matmul(qrows.clamp(min=0), p.kmax[:, None, :nkc].transpose(-2, -1))
+        ub += torch.matmul(qrows.clamp(max=0), p.kmin[:, None, :nkc].transpose(-2, -1))
+        ub += p.log_count[:nkc]  # Σ_{j∈J} e^{s_ij} ≤ |J|·e^{ub_iJ} (per-channel bounds, as Quest scores pages)
+        ub.masked_fill_(~admissible[None, :, None, :], float("-inf"))
+        risk = torch.softmax(ub, -1).mul_((admissible & ~covered).to(ub.dtype)[:, :, None, :]).sum(-1) * real
+        pi = 0.5 * risk / risk.sum(-1, keepdim=True).clamp_min(1e-30) + 0.5 * real / n_rows[:, None]
+        pi = torch.where(risk.sum(-1, keepdim=True) > 0, pi, real / n_rows[:, None])  # [BH, G, bs]
+        local = torch.multinomial(pi.reshape(-1, bs).double(), max(o.checks, 1), replacement=True, generator=gen)
+        local = local.view(*pi.shape[:2], -1)  # [BH, G, C]
+        weight = 1.0 / (local.shape[-1] * torch.gather(pi, -1, local).double())
+        check_rows = starts[None, :, None] + local
+        check_out = torch.matmul(_exact_rows(p, check_rows.flatten(1), nkc), p.v[:, : nkc * bs])
+        yield Chunk(g0, g1, kept, ok, blk * bs + off, logw, local, check_out.view(*local.shape, p.dv), weight)
+
+
+def _exact_rows(p: Problem, rows: torch.Tensor, nkc: int) -> torch.Tensor:
+    """The exact softmax rows [BH, R, nkc·bs] of query rows [BH, R] over the first nkc key blocks."""
+    cols = torch.arange(nkc * p.bs, device=p.device)
+    qr = torch.gather(p.q, 1, rows[..., None].expand(-1, -1, p.d))
+    s = torch.matmul(qr * p.scale, p.k[:, : nkc * p.bs].transpose(-2, -1))
+    b = p.bias_at(rows, cols.expand(s.shape[0], -1))
+    if b is not None:
+        s += b
+    dead = cols >= p.lk
+    if p.causal:
+        dead = dead | (cols > rows[..., None])
+    s.masked_fill_(dead, float("-inf"))
+    if b is not None:  # a mask may empty a row: it then attends to nothing
+        s.masked_fill_(torch.isneginf(s).all(-1, keepdim=True), 0.0)
+        s.masked_fill_(dead, float("-inf"))
+    return torch.softmax(s, -1)
 
 
 def _key_set(p: Problem, c: Chunk):
@@ -278,25 +297,31 @@ class Tally:
     """The error estimate's sums over chunks."""
 
     var: float = 0.0
-    check_err: float = 0.0  # Σ (rows per check row)·‖ŷ_r - y_r‖² over check rows
-    check_norm: float = 0.0  # Σ (rows per check row)·‖y_r‖²
+    check_err: list[torch.Tensor] = field(default_factory=list)  # per check row: ‖ŷ_r - y_r‖² / (C·π_r)
 
     @torch.no_grad()
-    def checks(self, c: Chunk, y_rows: torch.Tensor) -> None:
-        """y_rows: the estimate at the chunk's check rows [BH, G, C, Dv]."""
-        wgt = c.check_weight[None, :, None]
+    def checks(self, c: Chunk, y: torch.Tensor) -> None:
+        """y: the estimate on the chunk's query blocks [BH, G, bs, Dv]."""
+        y_rows = torch.gather(y, 2, c.check_rows[..., None].expand(-1, -1, -1, y.shape[-1]))
         diff = (y_rows.double() - c.check_out.double()).pow(2).sum(-1)
-        self.check_err += float((diff * wgt).sum())
-        self.check_norm += float((c.check_out.double().pow(2).sum(-1) * wgt).sum())
+        self.check_err.append((diff * c.check_weight).flatten())
 
     def estimate(self, out: torch.Tensor, samples: int) -> ErrorEstimate:
         from .montecarlo import relative
 
         sampling = relative(math.sqrt(self.var), out)
-        check = math.sqrt(self.check_err / self.check_norm) if self.check_norm > 0 else 0.0
-        rel = max(sampling, check)
+        check = low = 0.0
+        norm2 = float(out.detach().double().pow(2).sum())
+        if norm2 > 0 and self.check_err:
+            e = torch.cat(self.check_err)
+            total = float(e.sum())
+            se = math.sqrt(float((e - e.mean()).pow(2).sum()) * len(e) / max(len(e) - 1, 1))
+            check = math.sqrt(total / norm2)
+            low = math.sqrt(max(total - 0.5 * se, 0.0) / norm2)
+        rel = max(sampling, low)
         norm = float(out.detach().double().norm())
-        return ErrorEstimate(abs=rel * norm, rel=rel, samples=samples, parts={"sampling": sampling, "check": check})
+        parts = {"sampling": sampling, "check": check, "check_low": low}
+        return ErrorEstimate(abs=rel * norm, rel=rel, samples=samples, parts=parts)
 
 
 def hybrid_transform(p: Problem) -> tuple[torch.Tensor, ErrorEstimate]:
@@ -309,9 +334,7 @@ def hybrid_transform(p: Problem) -> tuple[torch.Tensor, ErrorEstimate]:
         y, w, vv = attend(p, c, qb[:, c.g0 : c.g1])
         m = c.idx.shape[-1]
         tally.var += float(sampling_variance(y.detach(), w[..., -m:].detach(), vv[..., -m:, :].detach(), m))
-        local = c.check_rows - (c.g0 * bs + torch.arange(c.g1 - c.g0, device=p.device)[:, None] * bs)
-        y_rows = torch.gather(y.detach(), 2, local[None, :, :, None].expand(bh, -1, -1, p.dv))
-        tally.checks(c, y_rows)
+        tally.checks(c, y.detach())
         parts.append(y.reshape(bh, -1, p.dv))
     y = torch.cat(parts, 1)[:, : p.lq]
     return y, tally.estimate(y, p.opts.samples)

@@ -161,6 +161,5 @@ def _estimate(p: Problem, chunks: list[Chunk], o: torch.Tensor, lse: torch.Tenso
         s = torch.matmul(qb[:, c.g0 : c.g1].float() * p.scale, ks.float().transpose(-2, -1)) + c.logw[:, :, None]
         w = torch.exp2(s * LOG2E - lb[:, c.g0 : c.g1, :, None]).nan_to_num(0.0).float()
         tally.var += float(sampling_variance(y.float(), w, vs.float(), c.idx.shape[-1]))
-        local = c.check_rows - (c.g0 * bs + torch.arange(c.g1 - c.g0, device=p.device)[:, None] * bs)
-        tally.checks(c, torch.gather(y, 2, local[None, :, :, None].expand(bh, -1, -1, p.dv)))
+        tally.checks(c, y)
     return tally.estimate(o[:, : p.lq], p.opts.samples)

@@ -43,18 +43,18 @@ class HybridOptions(Options):
                         tune=(32, 64, 128))  # fmt: skip
     blocks: int = option(16, "most key blocks computed exactly per query block (diagonal, sinks, local included)",
                          lo=1, tune=(4, 256))  # fmt: skip
-    mass: float = option(0.95, "keep blocks while the probes' mass they cover is below this (1: always `blocks`)",
+    mass: float = option(0.99, "keep blocks while the probes' mass they cover is below this (1: always `blocks`)",
                          lo=0.0, hi=1.0, tune=(0.8, 1.0))  # fmt: skip
     samples: int = option(64, "M, columns sampled per query block from the uncovered blocks", lo=2, tune=(16, 1024))
     probes: int = option(2, "rows per query block scored exactly against every key (block ranking, proposal)",
                          lo=1, hi=256, tune=(1, 8))  # fmt: skip
-    checks: int = option(1, "rows per query block held out from every choice and scored exactly: their measured "
+    checks: int = option(2, "rows per query block held out from every choice and scored exactly: their measured "
                          "error is part of the estimate", lo=0, hi=256)  # fmt: skip
     sinks: int = option(1, "leading key blocks always kept", lo=0)
     local: int = option(1, "key blocks before the diagonal always kept", lo=0)
     defensive: float = option(0.2, "uniform share of the proposal over the uncovered columns", lo=1e-6, hi=1.0)
-    values: str = option("sampled", "a sample carries its own value (unbiased) or its block's mean value (pooled: "
-                         "far less variance where the remainder is spread, biased where it is peaked)",
+    values: str = option("pooled", "pooled: a sample carries its block's mean value (far less variance where the "
+                         "remainder is spread, biased where it is peaked); sampled: its own (unbiased)",
                          choices=("sampled", "pooled"), tune=("sampled", "pooled"))  # fmt: skip
     seed: int = option(0, "seed of the probes and the samples", lo=0)
 
