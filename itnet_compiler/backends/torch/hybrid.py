@@ -131,7 +131,6 @@ def select(p: Problem) -> Iterator[Chunk]:
         g1 = min(g0 + step, p.nq)
         g = g1 - g0
         nkc = min(p.nk, g1) if p.causal else p.nk  # key blocks any row of the chunk admits
-        cols = torch.arange(nkc * bs, device=dev)
         kb = torch.arange(nkc, device=dev)
         counts = p.counts[:nkc]
         blocks = torch.arange(g0, g1, device=dev)
