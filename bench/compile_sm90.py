@@ -680,8 +680,33 @@ def montecarlo_scenarios() -> list[Scenario]:
     ]  # fmt: skip
 
 
+def hybrid_scenarios() -> list[Scenario]:
+    from itnet_compiler.backends.triton import hybrid as HY
+
+    def case(dtype, d, causal, values, block):
+        def run():
+            b, h, n = 1, 4, 512
+            q, k, v = (_t(b, h, n, d, dtype=dtype, grad=True) for _ in range(3))
+            _backward(HY.hybrid_attention(q, k, v, scale=d**-0.5, causal=causal, block=block, blocks=4, samples=64,
+                                          values=values))  # fmt: skip
+
+        return run
+
+    return [
+        Scenario("hybrid", f"{NAMES[dt]} d{d} block{blk} {values}{' causal' if causal else ''}",
+                 case(dt, d, causal, values, blk), dt == torch.bfloat16 and d == 64 and causal)
+        for dt in (torch.bfloat16, torch.float32)
+        for d in (64, 128)
+        for blk in (64, 128)
+        for values in ("pooled", "sampled")
+        for causal in (True, False)
+        if not (dt == torch.float32 and blk == 128 and d == 128)
+    ]  # fmt: skip
+
+
 FAMILIES = {
     "attention": attention_scenarios,
+    "hybrid": hybrid_scenarios,
     "conv": conv_scenarios,
     "conv_approx": conv_approx_scenarios,
     "ssm": ssm_scenarios,

@@ -197,7 +197,7 @@ def test_cost_table_lists_every_applicable_lowering_at_the_sizes(mixed):
     prog, _ = mixed
     (attn,) = by_family(prog, "dot_exp")
     rows = {r["lowering"]: r for r in cost_table(attn, {"seq": 1024})}
-    assert set(rows) == {"dense", "library", "fused", "montecarlo", "lowrank"}
+    assert set(rows) == {"dense", "library", "fused", "montecarlo", "lowrank", "hybrid"}
     assert rows["dense"]["bytes_at"] > 100 * rows["library"]["bytes_at"]
     assert rows["library"]["error_at"] == 0 and math.isinf(rows["lowrank"]["error_at"])
 

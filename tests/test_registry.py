@@ -148,7 +148,7 @@ def test_unknown_lowerings_and_options_are_one_line_with_the_valid_choices(tmp_p
         itc.build(prog, plan={"*": "montecarlo:sample=3"})
     with pytest.raises(itc.ItnetError, match=r"samples must be an integer in \[2, "):
         itc.build(prog, plan={"*": "montecarlo:samples=1"})
-    with pytest.raises(itc.ItnetError, match=r"proposal must be one of norm, uniform, lowrank, not 'best'"):
+    with pytest.raises(itc.ItnetError, match=r"proposal must be one of norm, uniform, lowrank, probe, not 'best'"):
         itc.build(prog, plan={"*": "montecarlo:proposal=best"})
     with pytest.raises(itc.ItnetError, match=r"tile option block_m .* integer"):
         itc.build(prog, backend="triton", plan={"*": "fused:block_m=x"})

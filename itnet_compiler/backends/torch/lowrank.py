@@ -37,11 +37,14 @@ from .registry import register
 from .runtime import cached
 
 
-def linear_transform(phi, psi, v, *, causal: bool, normalized: bool, chunk: int = 256, diagonal=None) -> torch.Tensor:
+def linear_transform(
+    phi, psi, v, *, causal: bool, normalized: bool, chunk: int = 256, diagonal=None, log_diagonal: bool = False
+) -> torch.Tensor:
     """y_i = Σ_{j∈S(i)} φ_iᵀψ_j v_j [/ Σ_{j∈S(i)} φ_iᵀψ_j]: φ [*b, L_q, r], ψ [*b, L_k, r], v [*b, L_k, d].
 
     Causal: ``diagonal(c0, c1, j1)``, when given, returns the kernel block of rows [c0, c1) × columns [c0, j1)
-    (in the factors' units) to use instead of the factorised one inside each chunk, so only the past is factorised."""
+    (in the factors' units; its log when ``log_diagonal``) to use instead of the factorised one inside each chunk, so
+    only the past is factorised."""
     lq, lk = phi.shape[-2], psi.shape[-2]
     if not causal:
         num = phi @ (psi.transpose(-2, -1) @ v)
@@ -56,8 +59,18 @@ def linear_transform(phi, psi, v, *, causal: bool, normalized: bool, chunk: int 
         j1 = min(c1, lk)
         if c0 < j1:
             ps, vs = psi[..., c0:j1, :], v[..., c0:j1, :]
-            block = diagonal(c0, c1, j1) if diagonal is not None else ph @ ps.transpose(-2, -1)
-            a = block * causal_keep(c0, c1, c0, j1, ph.device)
+            keep = causal_keep(c0, c1, c0, j1, ph.device)
+            if diagonal is not None and log_diagonal:
+                # exact logits in the factors' units can pass the dtype's range where the factorised past is ~1:
+                # both parts of a row are scaled by e^{-t}, t = max(0, its largest exact logit), which cancels
+                logb = diagonal(c0, c1, j1).masked_fill(~keep, float("-inf"))
+                t = logb.amax(-1, keepdim=True).clamp(min=0).nan_to_num(0.0, posinf=0.0)
+                shrink = torch.exp(-t)
+                a = torch.exp(logb - t)
+                num, den = num * shrink, den * shrink
+            else:
+                block = diagonal(c0, c1, j1) if diagonal is not None else ph @ ps.transpose(-2, -1)
+                a = block * keep
             num, den = num + a @ vs, den + a.sum(-1, keepdim=True)
             state = state + ps.transpose(-2, -1) @ vs
             zsum = zsum + ps.sum(-2)[..., None]
@@ -97,7 +110,8 @@ def _log_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
 
 
 def fit_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions) -> LearnedFeatures:
-    """Fit Ω_q, Ω_k (FAVOR-initialised) to the exact attention outputs of calibration activations."""
+    """Fit Ω_q, Ω_k (FAVOR-initialised) on calibration activations: to the exact attention weights (``loss=weights``,
+    the soft-label cross-entropy Hedgehog distils feature maps with) or to the exact outputs (``loss=outputs``)."""
     k, v = expand_kv(q, k), expand_kv(q, v)
     gen = torch.Generator().manual_seed(opts.seed)
     n_cols = min(k.shape[-2], opts.calib)
@@ -117,7 +131,9 @@ def fit_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions) -
         logits = qc[..., rows, :] @ kc.transpose(-2, -1)
         if causal:
             logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        target = torch.softmax(logits, -1) @ vc
+        weights = torch.softmax(logits, -1)
+        target = weights @ vc
+        dead = torch.isneginf(logits)
         heads, dim = q.shape[1], q.shape[-1]
         init = torch.stack([orthogonal_gaussian(opts.rank, dim, gen, torch.float64) for _ in range(heads)])
         omega_q = init.clone().requires_grad_(True)
@@ -129,8 +145,12 @@ def fit_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions) -
             lk = _log_features(kc, omega_k)
             phi = (lq - lq.amax(-1, keepdim=True).detach()).exp()
             psi = (lk - lk.flatten(-2).amax(-1)[..., None, None].detach()).exp()
-            y = linear_transform(phi, psi, vc, causal=causal, normalized=True, chunk=opts.chunk)[..., rows, :]
-            loss = (y - target).pow(2).sum() / scale_ref
+            if opts.loss == "weights":  # Hedgehog: soft-label cross-entropy of the factorised weights
+                logk = torch.logsumexp(lq[..., rows, None, :] + lk[..., None, :, :], -1).masked_fill(dead, -1e30)
+                loss = -(weights * torch.log_softmax(logk, -1)).sum() / weights.sum()
+            else:
+                y = linear_transform(phi, psi, vc, causal=causal, normalized=True, chunk=opts.chunk)[..., rows, :]
+                loss = (y - target).pow(2).sum() / scale_ref
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -157,7 +177,7 @@ def lowrank_transform(kernel: PairKernel, v: torch.Tensor, opts: LowRankOptions,
 
         def diagonal(c0: int, c1: int, j1: int) -> torch.Tensor:
             blk = kernel.block(slice(c0, c1), slice(c0, j1))
-            return (blk + scale[..., c0:c1, None]).exp() if kernel.normalized else blk
+            return blk + scale[..., c0:c1, None] if kernel.normalized else blk
 
     return linear_transform(
         factors.phi,
@@ -167,6 +187,7 @@ def lowrank_transform(kernel: PairKernel, v: torch.Tensor, opts: LowRankOptions,
         normalized=kernel.normalized,
         chunk=opts.chunk,
         diagonal=diagonal,
+        log_diagonal=kernel.normalized,
     )
 
 
@@ -178,7 +199,7 @@ def attention_lowrank(q, k, v, mask=None, *, scale, causal, return_weights, laye
     kernel = DotExpKernel(q, k, mask, scale=scale, causal=causal, layer=layer)
     factors = None
     if opts.method == "learned":
-        key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib)
+        key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib, opts.loss)
         fitted = cached(key, (), lambda: fit_features(q, k, v, scale=scale, causal=causal, opts=opts))
         factors = fitted.features(kernel)
     return lowrank_transform(kernel, expand_kv(q, v), opts, factors)

@@ -48,6 +48,7 @@ class Proposal:
     col: torch.Tensor | None
     row: torch.Tensor | None
     alpha: float
+    group: int = 0  # > 0: row i uses component i // group alone (``probe``), ``row`` is None
 
 
 def build_proposal(kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions) -> Proposal:
@@ -56,8 +57,37 @@ def build_proposal(kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions)
     if opts.proposal == "norm":
         score = kernel.column_norms() * v.norm(dim=-1)
         return Proposal(score[..., None, :].double(), None, float(opts.defensive))
+    if opts.proposal == "probe":
+        return probe_proposal(kernel, v, opts)
     f = kernel.features(opts.rank, opts.seed + 1, float(opts.temper))
     return Proposal(f.psi.transpose(-2, -1).double(), f.phi.double(), float(opts.defensive))
+
+
+@torch.no_grad()
+def probe_proposal(kernel: PairKernel, v: torch.Tensor, opts: MonteCarloOptions) -> Proposal:
+    """Query-aware: per group of ``group`` rows, the mean of ``probes`` stratified rows' exact softmax rows (3/4)
+    plus a uniform share on the group's own columns (1/4: the rows' local neighbourhood, which probes earlier in
+    the group cannot see under causal support). The group grows where rows·cols·batch would pass 2^25 entries."""
+    rows, cols, p = kernel.rows, kernel.cols, opts.probes
+    batch = math.prod(v.shape[:-2])
+    g = max(opts.group, math.ceil(rows * cols * batch / 2**25))
+    n_groups = -(-rows // g)
+    gen = torch.Generator().manual_seed(int(opts.seed) + 2)
+    starts = torch.arange(n_groups) * g
+    n = (rows - starts).clamp(max=g)
+    u = torch.rand(n_groups, p, generator=gen, dtype=torch.float64)
+    r = starts[:, None] + ((torch.arange(p) + u) / p * n[:, None]).long()
+    r = torch.minimum(r, (starts + n - 1)[:, None]).flatten().to(v.device)
+    logits = kernel.block(r, slice(None))  # [*b, G·P, cols]
+    if kernel.causal:
+        logits = logits.masked_fill(torch.arange(cols, device=v.device) > r[:, None], float("-inf"))
+    prob = torch.softmax(logits.double(), -1).nan_to_num(0.0)  # a row a mask empties contributes nothing
+    pbar = prob.view(*prob.shape[:-2], n_groups, p, cols).mean(-2)
+    own = torch.zeros(n_groups, cols, dtype=torch.float64, device=v.device)
+    for i, (a, m) in enumerate(zip(starts.tolist(), n.tolist(), strict=True)):
+        if a < cols:
+            own[i, a : min(a + m, cols)] = 1.0 / (min(a + m, cols) - a)
+    return Proposal(0.75 * pbar + 0.25 * own, None, float(opts.defensive), group=g)
 
 
 def support_sizes(kernel: PairKernel, i0: int, i1: int, device: torch.device) -> torch.Tensor:
@@ -90,6 +120,8 @@ class PerRowSampler:
             idx = (u * n[:, None]).long().clamp(max=k.cols - 1)
             return idx, (-torch.log(n.double()))[:, None].expand(shape)
         c = prop.col.shape[-2]
+        if prop.group:
+            return self._sample_grouped(i0, i1, m, n)
         sn = self.prefix[..., n - 1].transpose(-2, -1)  # [*b, I, C]: component mass inside each row's support
         a = prop.row[..., i0:i1, :] if prop.row is not None else torch.ones_like(sn)
         mass = a * sn
@@ -112,6 +144,27 @@ class PerRowSampler:
         idx = torch.minimum(idx.clamp(min=0), (n - 1)[:, None])
         dens = (gather_rows(prop.col.transpose(-2, -1), idx) * a[..., None, :]).sum(-1)  # [*b, I, M]
         q = (1 - alpha[..., None]) * dens / tot.clamp_min(1e-300)[..., None] + alpha[..., None] / n[:, None]
+        return idx, q.log()
+
+    def _sample_grouped(self, i0: int, i1: int, m: int, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row i draws from its group's component only (``probe``): no component draw, one gather per sample."""
+        prop, k = self.prop, self.kernel
+        comp = torch.arange(i0, i1, device=n.device) // prop.group  # [I]
+        sn = self.prefix[..., comp, n - 1]  # [*b, I]: the component's mass inside each row's support
+        alpha = torch.where(sn > 0, torch.full_like(sn, prop.alpha), torch.ones_like(sn))
+        u = torch.rand(*sn.shape, m, generator=self.gen, dtype=torch.float64, device=n.device)
+        lead = sn.shape[:-1]
+        c = prop.col.shape[-2]
+        block = torch.arange(math.prod(lead), device=n.device).reshape(*lead, 1) * c + comp  # [*b, I]
+        target = self.offsets.reshape(-1)[block][..., None] + u * sn[..., None]
+        pos = torch.searchsorted(self.global_cdf, target.reshape(-1), right=True).reshape(target.shape)
+        j_mix = pos - block[..., None] * k.cols
+        uni = torch.rand(*sn.shape, m, generator=self.gen, dtype=torch.float64, device=n.device)
+        j_uni = (uni * n[:, None]).long()
+        pick_uniform = torch.rand(*sn.shape, m, generator=self.gen, device=n.device) < alpha[..., None]
+        idx = torch.minimum(torch.where(pick_uniform, j_uni, j_mix).clamp(min=0), (n - 1)[:, None])
+        dens = prop.col.reshape(-1)[block[..., None] * k.cols + idx]
+        q = (1 - alpha[..., None]) * dens / sn.clamp_min(1e-300)[..., None] + alpha[..., None] / n[:, None]
         return idx, q.log()
 
     def _block_index(self, comp: torch.Tensor) -> torch.Tensor:
@@ -177,10 +230,12 @@ def montecarlo_transform(
     var_sum = torch.zeros((), dtype=torch.float64, device=v.device)
     fallback = 0
     vv = None
+    v2 = (v * v).sum(-1, keepdim=True)  # [*b, L, 1]
     for i0, i1, idx, logq in draw(kernel, v, opts):
         vals = kernel.at(slice(i0, i1), idx)
         if opts.mode == "per_row":
-            y, var, bad = _estimate(kernel, vals, logq, gather_rows(v, idx), None, m)
+            norms = gather_rows(v2, idx)[..., 0]  # ‖v_j‖² of the samples, gathered, not recomputed
+            y, var, bad = _estimate(kernel, vals, logq, gather_rows(v, idx), None, m, norms)
         else:
             vv = gather_rows(v, idx) if vv is None else vv  # [*b, M, Dv], gathered once
             valid = None
@@ -210,11 +265,12 @@ def relative(err: float, estimate: torch.Tensor) -> float:
     return err / math.sqrt(max(sq - err * err, 0.01 * sq, 1e-300))
 
 
-def _estimate(kernel, vals, logq, vv, valid, m):
+def _estimate(kernel, vals, logq, vv, valid, m, sq_norms=None):
     """Per-row estimate, per-row variance (summed over features) and the rows with no usable sample."""
     per_row = vv.dim() == vals.dim() + 1
-    contract = (lambda w, x: torch.einsum("...im,...imd->...id", w, x)) if per_row else torch.matmul
-    sq_norms = (vv * vv).sum(-1)
+    contract = (lambda w, x: torch.matmul(w[..., None, :], x)[..., 0, :]) if per_row else torch.matmul
+    if sq_norms is None:
+        sq_norms = (vv * vv).sum(-1)
     if not kernel.normalized:
         u = vals * torch.exp(-logq)
         if valid is not None:

@@ -33,7 +33,7 @@ TORCH_BY_DESIGN = set(TARGET.delegates)
 ATTENTION_TILES = ("block_m", "block_n", "num_warps", "num_stages", "bwd_block_m", "bwd_block_n")
 CONV_TILES = ("block_c", "block_l", "num_warps", "block_m", "block_n", "block_k", "num_stages")
 MC_ATTENTION_TILES = ("block_s", "block_r", "block_m", "num_warps")
-HYBRID_TILES = ("block_s", "num_warps")
+HYBRID_TILES = ("block_s", "num_warps", "num_stages")
 MC_CONV_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 LOWRANK_TILES = ("block_m", "block_n", "block_d", "split", "num_warps")
 

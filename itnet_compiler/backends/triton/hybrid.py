@@ -30,12 +30,16 @@ class HybridTiles:
 
     block_s: int = 32
     num_warps: int = 4
+    num_stages: int = 2
 
     @staticmethod
-    def default(device: torch.device) -> HybridTiles:
+    def default(device: torch.device, block: int = 64, d: int = 64, dtype=torch.bfloat16) -> HybridTiles:
+        """Query tiles of ``block`` rows with [block, d] float32 accumulators: wide tiles (block 128, or fp32 with
+        d 128) take 8 warps and one stage to stay in registers and shared memory (``bench/compile_sm90.py``)."""
         if device.type != "cuda":
-            return HybridTiles(block_s=16, num_warps=1)
-        return HybridTiles(block_s=32, num_warps=4)
+            return HybridTiles(block_s=16, num_warps=1, num_stages=1)
+        wide = block * max(d, 64) * (2 if dtype == torch.float32 else 1) > 64 * 128
+        return HybridTiles(block_s=32 if not wide else 16, num_warps=8 if wide else 4, num_stages=1 if wide else 2)
 
 
 TILE_OPTIONS = frozenset(f.name for f in fields(HybridTiles))
@@ -71,7 +75,7 @@ class _Hybrid(torch.autograd.Function):
             q, k, v, vbar, kept, idx, logw, o, lse, *q.stride(), *k.stride(), *v.stride(), *vbar.stride()[:2],
             *kept.stride(), *idx.stride(), *o.stride(), lq_pad, lk, d, kept.shape[-1], idx.shape[-1],
             scale * LOG2E, CAUSAL=causal, POOLED=pooled, PREC=loader.dot_precision(q.dtype), BS=bs,
-            BLOCK_S=tiles.block_s, BLOCK_D=_block_d(d), num_warps=tiles.num_warps,
+            BLOCK_S=tiles.block_s, BLOCK_D=_block_d(d), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, vbar, kept, idx, logw, o, lse)
         ctx.meta = meta
@@ -94,7 +98,7 @@ class _Hybrid(torch.autograd.Function):
             *v.stride(), *vbar.stride()[:2], *kept.stride(), *idx.stride(), *do.stride(), lq_pad, lk, d,
             kept.shape[-1], idx.shape[-1], scale * LOG2E, scale, CAUSAL=causal, POOLED=pooled,
             PREC=loader.dot_precision(q.dtype), BS=bs, BLOCK_S=tiles.block_s, BLOCK_D=_block_d(d),
-            num_warps=tiles.num_warps,
+            num_warps=tiles.num_warps, num_stages=1,
         )  # fmt: skip
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dvbar.to(vbar.dtype), None, None, None, None
 
@@ -125,7 +129,7 @@ def hybrid_attention(q, k, v, mask=None, *, scale, causal, return_weights=False,
     """The Triton implementation of ``dot_exp`` by ``hybrid``, with the torch lowering's contract and selection."""
     if return_weights:
         raise ItnetError("the hybrid lowering cannot return attention weights; use dense", layer=layer or None)
-    tiles = HybridTiles.default(q.device)
+    tiles = HybridTiles.default(q.device, int(options.get("block", 64)), q.shape[-1], q.dtype)
     tiles = replace(tiles, **{key: int(val) for key, val in options.items() if key in TILE_OPTIONS})
     opts = HybridOptions.make(layer, **{key: val for key, val in options.items() if key not in TILE_OPTIONS})
     p = Problem(q, k, v, mask, scale=scale, causal=causal, opts=opts, layer=layer)

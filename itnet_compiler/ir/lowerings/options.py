@@ -12,7 +12,7 @@ from typing import ClassVar
 from ..fields import Options, option
 
 MC_MODES = ("per_row", "shared")
-MC_PROPOSALS = ("uniform", "norm", "lowrank")
+MC_PROPOSALS = ("uniform", "norm", "lowrank", "probe")
 ATTENTION_METHODS = ("favor", "nystrom", "learned")
 CONV_METHODS = ("svd", "spatial", "cp", "learned")
 
@@ -25,13 +25,16 @@ class MonteCarloOptions(Options):
     samples: int = option(64, "M, sampled columns (taps) per row", lo=2, tune=(8, 4096))
     mode: str = option("per_row", "per_row: a draw per row; shared: one draw per (batch, head)", choices=MC_MODES,
                        tune=MC_MODES)  # fmt: skip
-    proposal: str = option("norm", "uniform | norm (‖k_j‖·‖v_j‖) | lowrank (random features of K^temper)",
+    proposal: str = option("norm", "uniform | norm (‖k_j‖·‖v_j‖) | lowrank (random features of K^temper) | probe "
+                           "(query-aware: the exact rows of a few probe rows per group of rows)",
                            choices=MC_PROPOSALS, tune=MC_PROPOSALS)  # fmt: skip
     seed: int = option(0, "seed of the draw (reproducible)", lo=0)
     rank: int = option(16, "features of the lowrank-guided proposal", lo=1, tune=(4, 64))
     temper: float = option(0.0, "lowrank proposal ∝ K^temper; 0: a power its features resolve", lo=0.0, hi=1e6)
     defensive: float = option(0.1, "uniform share of a non-uniform proposal (bounds every weight)", lo=1e-6, hi=1.0)
     block: int = option(0, "rows per tile; 0: sized to keep gathered samples near 2^24 elements", lo=0)
+    group: int = option(64, "probe: rows that share one proposal", lo=1, tune=(16, 256))
+    probes: int = option(2, "probe: rows per group scored exactly against every column", lo=1, hi=64, tune=(1, 8))
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class LowRankOptions(Options):
     steps: int = option(100, "learned: Adam steps", lo=1)
     lr: float = option(0.02, "learned: Adam learning rate", lo=1e-12, hi=1e3)
     calib: int = option(512, "learned: at most this many columns (and 1/4 as many rows) of calibration data", lo=1)
+    loss: str = option("weights", "learned: distil the attention weights (cross-entropy, as Hedgehog) or the outputs",
+                       choices=("weights", "outputs"))  # fmt: skip
 
 
 @dataclass(frozen=True)

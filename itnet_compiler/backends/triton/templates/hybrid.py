@@ -13,7 +13,6 @@ shared between query blocks and samples repeat) atomically into float32 buffers.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -49,7 +48,7 @@ def _sample_tile(q, K, V, VBAR, IDX, LOGW, bh, qb, s0, offs_d, dmask, skb, skn, 
         v = tl.load(VBAR + bh * sbb + (j // BS)[:, None] * sbn + offs_d[None, :] * svd, mask=tile, other=0.0)
     else:
         v = tl.load(V + bh * svb + j[:, None] * svn + offs_d[None, :] * svd, mask=tile, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + (lw * LOG2E)[None, :]
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + (lw * 1.4426950408889634)[None, :]  # log2
     s = tl.where(smask[None, :], s, float("-inf"))
     return k, v, s, j
 
