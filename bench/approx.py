@@ -4,10 +4,10 @@ self-estimate, against exact ``fused`` and SDPA measured in the same run (CPU).
 For each workload (structured, trained, random_peaked) and N ∈ {4k, 8k, 16k, 32k}: causal attention, batch 1, the
 workload's heads (4 structured / random, 3 trained) of dim 64. Rows: ``fused`` (the baseline of every ratio), SDPA
 (``library``), ``hybrid`` at three budgets, and at N ≤ 8k ``montecarlo`` (per_row and shared, norm proposal,
-M = 256; also the query-aware ``probe`` proposal) and ``lowrank`` (favor, nystrom, and learned features fitted by
-distillation on the same layer's inputs before timing, r = 256). Error: ‖y - y_ref‖/‖y_ref‖ against the fused lowering in
-float64; ``est``: the layer's own estimate (``ErrorEstimate.rel``, hybrid and montecarlo). Timing and peak memory
-as in ``bench/lowerings.py`` (median of up to three calls, one more under the memory profiler).
+M = 256; also the query-aware ``probe`` proposal) and ``lowrank`` (favor, nystrom, and learned features fitted
+by distillation on the same layer's inputs before timing, r = 256). Error: ‖y - y_ref‖/‖y_ref‖ against the fused
+lowering in float64; ``est``: the layer's own estimate (``ErrorEstimate.rel``, hybrid and montecarlo). Timing and
+peak memory as in ``bench/lowerings.py`` (median of up to three calls, one more under the memory profiler).
 
     python bench/approx.py [--quick] [--threads 2]     # --quick: N = 4k only
 """

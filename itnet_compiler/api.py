@@ -91,6 +91,37 @@ def plan_program(
     return pipeline.run(prog.clone(), ctx, phases=("plan",))
 
 
+def calibrate(
+    prog: Program,
+    inputs: object,
+    backend: str = "torch",
+    plan: dict[str, str] | str | Path | None = None,
+    error_budget: float | None = None,
+) -> Program:
+    """Fit what the planned lowerings learn from data (``lowrank:method=learned`` features) on calibration inputs and
+    return the planned program holding the fitted factors: saved with it (``fitted.safetensors``), reused by every
+    ``build`` of it, so a deployed model is not refitted on whatever it first sees.
+
+    ``inputs``: one batch (a tensor, a tuple of positional inputs or a dict of keyword inputs) or a list of such
+    batches; each layer fits on the first batch that reaches it (later batches run, as a check that the fitted
+    program executes)."""
+    module = build(prog, backend, plan, error_budget)
+    batches = inputs if isinstance(inputs, list) else [inputs]
+    if not batches:
+        raise ItnetError("calibrate needs at least one batch of inputs")
+    with torch.no_grad():
+        for batch in batches:
+            if isinstance(batch, dict):
+                module(**batch)
+            else:
+                module(*(batch if isinstance(batch, tuple) else (batch,)))
+    out = module.program.clone()
+    meta, tensors = module.runtime.fitted()
+    out.meta = {**out.meta, "fitted": meta}
+    out.fitted = tensors
+    return out
+
+
 def _example_sizes(prog: Program) -> dict[str, int]:
     example = prog.meta.get("example")
     sizes = example.get("sizes") if isinstance(example, dict) else None

@@ -28,11 +28,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import config
-from .api import build, convert, load
+from .api import build, calibrate, convert, load
 from .errors import ItnetError, ParseError
 from .frontend import specs
 from .ir import treespec
-from .ir.bundle import read_json
+from .ir.bundle import read_json, read_tensors
 from .ir.core import Program
 from .ir.types import DTYPE_NAMES, ScalarType, TensorType
 from .report import example_sizes, print_inspect
@@ -239,6 +239,40 @@ def cmd_run(ns: argparse.Namespace) -> int:
     assert source is not None
     ref = _reference_outputs(prog, source, args, kwargs)
     return _compare(leaves, pytree.tree_leaves(ref), ns.tol)
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    prog = _load_bundle(ns.bundle)
+    if ns.calib_data:
+        args, kwargs = _data_inputs(prog, ns.calib_data)
+    else:
+        args, kwargs = _run_inputs(prog, ns.input, ns.seed)
+    if args and kwargs:
+        raise ItnetError("calibrate takes positional or keyword inputs, not both; this program takes both")
+    batch = kwargs if kwargs else tuple(args)
+    t0 = time.perf_counter()
+    fitted = _guarded(lambda: calibrate(prog, [batch], backend=ns.backend, plan=_plan(ns)), "calibrating the program")
+    fitted.save(ns.output)
+    layers = fitted.meta.get("fitted") or {}
+    print(f"calibrated {ns.bundle} in {time.perf_counter() - t0:.1f}s -> {ns.output}: fitted {len(layers)} layer(s)")
+    for layer, entry in sorted(layers.items()):
+        print(f"  {layer}: {entry['kind']} ({', '.join(entry['tensors'])})")
+    if not layers:
+        print("  (no planned lowering fits anything from data; plan e.g. --lowering '*=lowrank:method=learned')")
+    return 0
+
+
+def _data_inputs(prog: Program, path: str) -> tuple[tuple, dict]:
+    """The program's inputs from a safetensors file holding one tensor per input, named as ``itnet inspect`` lists."""
+    tensors = read_tensors(Path(path))
+    missing = [v.name for v in prog.inputs if v.name not in tensors]
+    if missing:
+        raise ItnetError(f"{path} has no tensor for input(s) {missing}; name one tensor per input as the program does")
+    leaves = [tensors[v.name] for v in prog.inputs]
+    if prog.in_spec is None:
+        return tuple(leaves), {}
+    args, kwargs = pytree.tree_unflatten(leaves, treespec.from_json(prog.in_spec))
+    return tuple(args), dict(kwargs)
 
 
 def _check_source(ns: argparse.Namespace, prog: Program) -> specs.Source:
@@ -485,6 +519,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch (CPU/reference) or triton (GPU, or CPU with TRITON_INTERPRET=1), or a target "
                    "(itnet lowerings lists what each runs)")  # fmt: skip
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("calibrate", help="fit learned lowerings (lowrank:method=learned) on inputs; save with factors")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("-o", "--output", required=True, help="bundle to write: the planned program and its fitted factors")
+    p.add_argument("--plan", help="JSON plan: layer glob -> lowering spec")
+    p.add_argument("--lowering", action="append", default=[], metavar="GLOB=SPEC",
+                   help="lowering for matching layers, e.g. '*.attn=lowrank:method=learned,rank=64'")  # fmt: skip
+    p.add_argument("--calib-data", metavar="FILE", help="safetensors file with one tensor per program input")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE",
+                   help="random calibration input of this shape (without --calib-data)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    p.add_argument("--backend", choices=("torch", "triton", "torch-cpu", "torch-cuda"), default="torch")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("lowerings", help="list each family's lowerings, their options and the targets running them")
     p.add_argument("family", metavar="FAMILY", nargs="?", help="one family only (stationary, dot_exp, ssm, gated)")

@@ -1,4 +1,5 @@
-"""Program bundles: a directory with ``program.itir`` (text), ``weights.safetensors`` and ``meta.json``.
+"""Program bundles: a directory with ``program.itir`` (text), ``weights.safetensors`` and ``meta.json``, and
+``fitted.safetensors`` when approximate lowerings were calibrated (``itc.calibrate``).
 
 Only text, JSON and safetensors are read: nothing is ever unpickled.
 """
@@ -35,6 +36,15 @@ def save(prog: Program, path: str | Path) -> None:
         safetensors.torch.save_file(tensors, str(out / "weights.safetensors"))
     except (KeyError, ValueError, TypeError) as e:  # e.g. a dtype safetensors cannot store (complex)
         raise ItnetError(f"cannot save the weights as safetensors ({first_line(e)})") from None
+    fitted = _fitted_keys(prog.meta.get("fitted", {}))
+    if fitted:
+        missing = set(fitted) - set(prog.fitted)
+        if missing:
+            raise ItnetError(f"cannot save: no fitted tensor for {sorted(missing)[:3]}")
+        safetensors.torch.save_file(_unshared({k: prog.fitted[k].detach().cpu() for k in fitted}),
+                                    str(out / "fitted.safetensors"))  # fmt: skip
+    elif (out / "fitted.safetensors").exists():
+        (out / "fitted.safetensors").unlink()  # a bundle rewritten without calibration keeps no stale factors
     meta = {
         "format": FORMAT,
         "torch": torch.__version__,
@@ -85,8 +95,20 @@ def load(path: str | Path) -> Program:
     if prog.weights:
         if not weights.exists():
             raise ItnetError(f"bundle {path} has no weights.safetensors; re-run itnet convert")
-        prog.tensors = _read_weights(weights)
+        prog.tensors = read_tensors(weights)
     prog.meta = {k: v for k, v in meta_data.items() if k not in ("format", "torch", "transforms")}
+    keys = _fitted_keys(prog.meta.get("fitted", {}))
+    if keys:
+        fitted_file = text_file.parent / "fitted.safetensors"
+        if not fitted_file.exists():
+            raise ItnetError(
+                f"bundle {path} records fitted factors but has no fitted.safetensors; re-run itnet calibrate"
+            )
+        tensors = read_tensors(fitted_file)
+        missing = set(keys) - set(tensors)
+        if missing:
+            raise ItnetError(f"{fitted_file} lacks {sorted(missing)[:3]}; re-run itnet calibrate")
+        prog.fitted = {k: tensors[k] for k in keys}
     verify(prog)
     return prog
 
@@ -167,11 +189,40 @@ def _fallbacks_ok(fb: object) -> bool:
     return isinstance(layers, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in layers.items())
 
 
+def _fitted_ok(fitted: object) -> bool:
+    """layer -> {"kind": str, "key": [JSON scalars], "tensors": [names]}, as ``RuntimeState.fitted`` writes it."""
+    if not isinstance(fitted, dict):
+        return False
+    for layer, e in fitted.items():
+        if not (isinstance(layer, str) and isinstance(e, dict) and isinstance(e.get("kind"), str)):
+            return False
+        key, names = e.get("key"), e.get("tensors")
+        if not isinstance(key, list) or not all(isinstance(x, (str, int, float, bool)) for x in key):
+            return False
+        if not isinstance(names, list) or not all(isinstance(n, str) and "::" not in n for n in names):
+            return False
+    return True
+
+
+def _fitted_keys(fitted: object) -> list[str]:
+    if not isinstance(fitted, dict):
+        return []
+    return [f"{layer}::{n}" for layer, e in fitted.items() for n in e.get("tensors", [])]
+
+
 # Entries of meta.json that itnet reads back (``source`` is checked where it is used: ``specs.Source.from_json``).
-_META_CHECKS = {"example": _example_ok, "fallbacks": _fallbacks_ok, "source": lambda v: isinstance(v, dict)}
+_META_CHECKS = {
+    "example": _example_ok,
+    "fallbacks": _fallbacks_ok,
+    "fitted": _fitted_ok,
+    "source": lambda v: isinstance(v, dict),
+}
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (nothing else is ever deserialised), or one ``ItnetError``."""
+    if not file.exists():
+        raise ItnetError(f"no file {file}")
     _regular(file)
     try:
         return safetensors.torch.load_file(str(file))

@@ -98,6 +98,9 @@ class Program:
     # Free-form JSON-able facts kept in the bundle's meta.json (not in the text form): e.g. "source", the model spec
     # and example inputs that ``itnet run --check`` rebuilds the source model from.
     meta: dict[str, object] = field(default_factory=dict)
+    # Factors that approximate lowerings fitted on calibration inputs (``itc.calibrate``), "<layer>::<name>" -> tensor;
+    # ``meta["fitted"]`` says per layer what they are. Saved as fitted.safetensors; a build reuses them.
+    fitted: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def transforms(self) -> list[Node]:
@@ -135,13 +138,13 @@ class Program:
 
     def clone(self) -> Program:
         """A deep copy of the structure; tensors are shared (passes never mutate them in place)."""
-        tensors = self.tensors
-        self.tensors = {}
+        tensors, fitted = self.tensors, self.fitted
+        self.tensors, self.fitted = {}, {}
         try:
             dup = copy.deepcopy(self)
         finally:
-            self.tensors = tensors
-        dup.tensors = dict(tensors)
+            self.tensors, self.fitted = tensors, fitted
+        dup.tensors, dup.fitted = dict(tensors), dict(fitted)
         return dup
 
     def __str__(self) -> str:

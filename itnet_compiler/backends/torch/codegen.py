@@ -148,6 +148,7 @@ class ItnetModule(torch.nn.Module):
         self._plain = _plain_args(prog.in_spec, len(self._checks))
         # Error estimates of Monte Carlo layers and cached factors (SVD, FFT spectra, learned features) of this module.
         self.runtime = RuntimeState()
+        self.runtime.restore(prog.meta.get("fitted") or {}, prog.fitted)  # a calibrated bundle's factors
 
     @property
     def error_estimates(self) -> dict[str, dict[str, float | int]]:

@@ -306,21 +306,10 @@ class Tally:
         self.check_err.append((diff * c.check_weight).flatten())
 
     def estimate(self, out: torch.Tensor, samples: int) -> ErrorEstimate:
-        from .montecarlo import relative
+        from .montecarlo import estimate_error
 
-        sampling = relative(math.sqrt(self.var), out)
-        check = low = 0.0
-        norm2 = float(out.detach().double().pow(2).sum())
-        if norm2 > 0 and self.check_err:
-            e = torch.cat(self.check_err)
-            total = float(e.sum())
-            se = math.sqrt(float((e - e.mean()).pow(2).sum()) * len(e) / max(len(e) - 1, 1))
-            check = math.sqrt(total / norm2)
-            low = math.sqrt(max(total - 0.5 * se, 0.0) / norm2)
-        rel = max(sampling, low)
-        norm = float(out.detach().double().norm())
-        parts = {"sampling": sampling, "check": check, "check_low": low}
-        return ErrorEstimate(abs=rel * norm, rel=rel, samples=samples, parts=parts)
+        checks = torch.cat(self.check_err) if self.check_err else None
+        return estimate_error(torch.tensor(self.var), out, samples, 0, checks)
 
 
 def hybrid_transform(p: Problem) -> tuple[torch.Tensor, ErrorEstimate]:

@@ -34,7 +34,7 @@ from ...ir.families import DotExpAttrs
 from ...ir.lowerings.options import LowRankOptions
 from .pairkernel import DotExpKernel, Factors, PairKernel, causal_keep, expand_kv, orthogonal_gaussian, stabilised
 from .registry import register
-from .runtime import cached
+from .runtime import cached, persistable
 
 
 def linear_transform(
@@ -86,6 +86,7 @@ def _safe(den: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- learned features
 
 
+@persistable
 @dataclass(frozen=True)
 class LearnedFeatures:
     """Per-head feature maps: log φ(x) = Ω_q x - ‖x‖²/2, log ψ(y) = Ω_k y - ‖y‖²/2, with x = √s·q, y = √s·k."""
@@ -93,10 +94,26 @@ class LearnedFeatures:
     omega_q: torch.Tensor  # [H, r, D]
     omega_k: torch.Tensor  # [H, r, D]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"omega_q": self.omega_q, "omega_k": self.omega_k}
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor], layer: str) -> LearnedFeatures:
+        oq, ok = t.get("omega_q"), t.get("omega_k")
+        if oq is None or ok is None or oq.dim() != 3 or oq.shape != ok.shape or not oq.is_floating_point():
+            raise ItnetError("fitted low-rank features must be two float tensors omega_q, omega_k of one shape "
+                             "[heads, rank, dim]; re-run itnet calibrate", layer=layer)  # fmt: skip
+        return LearnedFeatures(oq, ok)
+
     def features(self, kernel: DotExpKernel) -> Factors:
+        heads, dim = kernel.q.shape[1], kernel.q.shape[-1]
+        if self.omega_q.shape[0] != heads or self.omega_q.shape[-1] != dim:
+            raise ItnetError(f"fitted low-rank features are for {self.omega_q.shape[0]} heads of dim "
+                             f"{self.omega_q.shape[-1]}, the layer has {heads} of dim {dim}; re-run itnet calibrate",
+                             layer=kernel.layer or None)  # fmt: skip
         root = math.sqrt(kernel.scale)
-        lq = _log_features(kernel.q * root, self.omega_q.to(kernel.q.dtype))
-        lk = _log_features(kernel.k * root, self.omega_k.to(kernel.k.dtype))
+        lq = _log_features(kernel.q * root, self.omega_q.to(kernel.q.device, kernel.q.dtype))
+        lk = _log_features(kernel.k * root, self.omega_k.to(kernel.k.device, kernel.k.dtype))
         bias = kernel.column_bias()
         if bias is not None:
             lk = lk + bias[..., None]
@@ -109,48 +126,58 @@ def _log_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     return proj - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(omega.shape[1])
 
 
+def learned_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions, layer: str) -> LearnedFeatures:
+    """The layer's fitted features: from the active state (a calibrated bundle's, or the first forward's), else
+    fitted now on these activations (the calibration pass)."""
+    key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib, opts.loss)
+    return cached(key, (), lambda: fit_features(q, k, v, scale=scale, causal=causal, opts=opts))
+
+
 def fit_features(q, k, v, *, scale: float, causal: bool, opts: LowRankOptions) -> LearnedFeatures:
     """Fit Ω_q, Ω_k (FAVOR-initialised) on calibration activations: to the exact attention weights (``loss=weights``,
     the soft-label cross-entropy Hedgehog distils feature maps with) or to the exact outputs (``loss=outputs``)."""
     k, v = expand_kv(q, k), expand_kv(q, v)
     gen = torch.Generator().manual_seed(opts.seed)
-    n_cols = min(k.shape[-2], opts.calib)
-    n_rows = max(1, n_cols // 4)
-    if causal:  # the first calib positions are a causal problem of their own; all its rows feed the prefix sums
-        cols = torch.arange(n_cols)
-        q_cal = q[..., :n_cols, :]
-        rows = torch.randperm(n_cols, generator=gen)[:n_rows].sort().values
-    else:  # rows are independent: fit on a sample of them only
-        cols = torch.randperm(k.shape[-2], generator=gen)[:n_cols].sort().values
-        q_cal = q[..., torch.randperm(q.shape[-2], generator=gen)[:n_rows].sort().values, :]
-        rows = torch.arange(q_cal.shape[-2])
+    lq, lk = q.shape[-2], k.shape[-2]
+    n_cols = min(lk, opts.calib)
+    n_rows = min(lq, max(1, n_cols // 4))
+    cols = torch.randperm(lk, generator=gen)[:n_cols].sort().values
+    # Causal: the lowering computes each row's own chunk exactly and factorises the past before it, so the fit sees
+    # rows as the lowering forms them (rows from the whole length past the first chunk): exact logits on the sampled
+    # columns of the row's own chunk, the factorised ones before it. That teaches the factors the past's mass
+    # against the exact part, not only its shape.
+    first = opts.chunk if causal and lq > opts.chunk else 0
+    rows = (first + torch.randperm(lq - first, generator=gen)[:n_rows]).sort().values
     with torch.inference_mode(False), torch.enable_grad():
-        qc = (q_cal.detach().clone() * math.sqrt(scale)).double()
-        kc = (k[..., cols, :].detach().clone() * math.sqrt(scale)).double()
-        vc = v[..., cols, :].detach().clone().double()
-        logits = qc[..., rows, :] @ kc.transpose(-2, -1)
+        qc = (q[..., rows, :].detach() * math.sqrt(scale)).double()
+        kc = (k[..., cols, :].detach() * math.sqrt(scale)).double()
+        vc = v[..., cols, :].detach().double()
+        dead = torch.zeros(len(rows), n_cols, dtype=torch.bool)
+        own = torch.zeros(len(rows), n_cols, dtype=torch.bool)
         if causal:
-            logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-        weights = torch.softmax(logits, -1)
+            dead = cols[None, :] > rows[:, None]
+            own = ~dead & (cols[None, :] >= (rows // opts.chunk * opts.chunk)[:, None]) if opts.local else own
+        live = ~(dead | own).all(-1)  # a row with no sampled column in its factorised past has nothing to teach
+        qc, dead, own = qc[..., live, :], dead[live], own[live]
+        exact = (qc @ kc.transpose(-2, -1)).masked_fill(dead, float("-inf"))
+        weights = torch.softmax(exact, -1)
         target = weights @ vc
-        dead = torch.isneginf(logits)
         heads, dim = q.shape[1], q.shape[-1]
         init = torch.stack([orthogonal_gaussian(opts.rank, dim, gen, torch.float64) for _ in range(heads)])
         omega_q = init.clone().requires_grad_(True)
         omega_k = init.clone().requires_grad_(True)
         optim = torch.optim.Adam([omega_q, omega_k], lr=opts.lr)
-        scale_ref = target.pow(2).sum()
+        scale_ref = target.pow(2).sum().clamp_min(1e-300)
         for _ in range(opts.steps):
-            lq = _log_features(qc, omega_q)
-            lk = _log_features(kc, omega_k)
-            phi = (lq - lq.amax(-1, keepdim=True).detach()).exp()
-            psi = (lk - lk.flatten(-2).amax(-1)[..., None, None].detach()).exp()
+            fq, fk = _log_features(qc, omega_q), _log_features(kc, omega_k)
+            sq, sk = fq.amax(-1, keepdim=True).detach(), fk.amax(-1, keepdim=True).detach()
+            kmat = (fq - sq).exp() @ (fk - sk).exp().transpose(-2, -1)  # φψᵀ, each row and column rescaled
+            logk = kmat.clamp_min(1e-300).log() + sq + sk.transpose(-2, -1)
+            logk = torch.where(own, exact, logk).masked_fill(dead, -1e30)
             if opts.loss == "weights":  # Hedgehog: soft-label cross-entropy of the factorised weights
-                logk = torch.logsumexp(lq[..., rows, None, :] + lk[..., None, :, :], -1).masked_fill(dead, -1e30)
                 loss = -(weights * torch.log_softmax(logk, -1)).sum() / weights.sum()
             else:
-                y = linear_transform(phi, psi, vc, causal=causal, normalized=True, chunk=opts.chunk)[..., rows, :]
-                loss = (y - target).pow(2).sum() / scale_ref
+                loss = (torch.softmax(logk, -1) @ vc - target).pow(2).sum() / scale_ref
             optim.zero_grad()
             loss.backward()
             optim.step()
@@ -199,9 +226,7 @@ def attention_lowrank(q, k, v, mask=None, *, scale, causal, return_weights, laye
     kernel = DotExpKernel(q, k, mask, scale=scale, causal=causal, layer=layer)
     factors = None
     if opts.method == "learned":
-        key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib, opts.loss)
-        fitted = cached(key, (), lambda: fit_features(q, k, v, scale=scale, causal=causal, opts=opts))
-        factors = fitted.features(kernel)
+        factors = learned_features(q, k, v, scale=scale, causal=causal, opts=opts, layer=layer).features(kernel)
     return lowrank_transform(kernel, expand_kv(q, v), opts, factors)
 
 

@@ -248,13 +248,55 @@ def montecarlo_transform(
             var = var.masked_fill(bad, 0.0)
         out[..., i0:i1, :] = y
         var_sum += var.detach().double().sum()  # the error estimate is a report: no autograd graph
-    return out, estimate_error(var_sum, out, m, fallback)
+    return out, estimate_error(var_sum, out, m, fallback, check_rows(kernel, v, out, opts))
 
 
-def estimate_error(var_sum: torch.Tensor, out: torch.Tensor, samples: int, fallback: int) -> ErrorEstimate:
-    """The ``ErrorEstimate`` of an output from its summed per-row variances."""
-    err = math.sqrt(float(var_sum.detach()))
-    return ErrorEstimate(abs=err, rel=relative(err, out), samples=samples, fallback_rows=fallback)
+def estimate_error(var_sum: torch.Tensor, out: torch.Tensor, samples: int, fallback: int, checks=None) -> ErrorEstimate:
+    """The ``ErrorEstimate`` of an output from its summed per-row variances and, where given, ``checks``: per check
+    row ‖ŷ_r - y_r‖² divided by its inclusion probability (see ``combine``)."""
+    sampling = relative(math.sqrt(float(var_sum.detach())), out)
+    rel, parts = combine(sampling, checks, out)
+    norm = float(out.detach().double().norm())
+    return ErrorEstimate(abs=rel * norm, rel=rel, samples=samples, fallback_rows=fallback, parts=parts)
+
+
+def combine(sampling: float, checks: torch.Tensor | None, out: torch.Tensor) -> tuple[float, dict[str, float] | None]:
+    """rel = max(sampling, check_low): the variance alone misses the bias of a proposal that never finds a row's
+    peak, which exact check rows see. ``checks`` sum to an unbiased estimate of ‖ŷ - y‖²; check_low is that sum less
+    half its standard error (so a few unlucky check rows do not dominate), over ‖ŷ‖²."""
+    if checks is None or checks.numel() == 0:
+        return sampling, None
+    norm2 = float(out.detach().double().pow(2).sum())
+    total = float(checks.sum())
+    n = checks.numel()
+    se = math.sqrt(float((checks - checks.mean()).pow(2).sum()) * n / max(n - 1, 1))
+    check = math.sqrt(total / norm2) if norm2 > 0 else 0.0
+    low = math.sqrt(max(total - 0.5 * se, 0.0) / norm2) if norm2 > 0 else 0.0
+    return max(sampling, low), {"sampling": sampling, "check": check, "check_low": low}
+
+
+@torch.no_grad()
+def check_rows(kernel: PairKernel, v: torch.Tensor, out: torch.Tensor, opts: MonteCarloOptions) -> torch.Tensor | None:
+    """``opts.checks`` rows drawn uniformly (seeded; the same rows in every (batch, head)) computed exactly: per row
+    and batch element ‖ŷ_r - y_r‖² · rows / checks, whose sum estimates the squared error of the whole output."""
+    c = min(int(opts.checks), kernel.rows)
+    if c == 0:
+        return None
+    gen = torch.Generator().manual_seed(int(opts.seed) + 3)
+    rows = torch.randperm(kernel.rows, generator=gen)[:c].sort().values.to(v.device)
+    vals = kernel.block(rows, slice(None)).double()
+    keep = None
+    if kernel.causal:
+        keep = torch.arange(kernel.cols, device=v.device)[None, :] <= rows[:, None]
+    if kernel.normalized:
+        if keep is not None:
+            vals = vals.masked_fill(~keep, float("-inf"))
+        w = torch.softmax(vals, -1).nan_to_num(0.0)
+    else:
+        w = vals if keep is None else vals * keep
+    exact = torch.matmul(w, v.double())
+    err = (out[..., rows, :].detach().double() - exact).pow(2).sum(-1)
+    return (err * (kernel.rows / c)).flatten()
 
 
 def relative(err: float, estimate: torch.Tensor) -> float:

@@ -24,7 +24,21 @@ from typing import TypeVar
 
 import torch
 
+from ...errors import ItnetError
+
 T = TypeVar("T")
+
+# Cached values that may be saved with a program (``itc.calibrate``): class name -> class with ``tensors()`` (name ->
+# tensor) and ``from_tensors(dict, layer)``. Only data-fitted values independent of the weights qualify (cached with
+# no ``depends_on``): what a weight-derived cache holds is recomputed from the weights after loading anyway.
+FITTED_KINDS: dict[str, type] = {}
+
+
+def persistable(cls: type[T]) -> type[T]:
+    """Class decorator: instances kept in the cache are saved with a calibrated program and restored on build."""
+    FITTED_KINDS[cls.__name__] = cls
+    return cls
+
 
 # The states activated in this context, innermost last: a tuple, so a context copied into a new thread or task
 # shares nothing mutable with its parent.
@@ -95,6 +109,31 @@ class RuntimeState:
     def store(self, key: tuple[object, ...], entry: tuple[tuple[object, ...], object]) -> None:
         with self._lock:
             self.cache[key] = entry
+
+    def fitted(self) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+        """What ``persistable`` cache entries hold, as (``meta["fitted"]``, "<layer>::<name>" -> tensor)."""
+        meta: dict[str, dict] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        with self._lock:
+            items = sorted(self.cache.items(), key=lambda kv: repr(kv[0]))
+        for key, (stamp, value) in items:
+            kind = type(value).__name__
+            if FITTED_KINDS.get(kind) is not type(value) or stamp != () or not key or not isinstance(key[0], str):
+                continue
+            named = value.tensors()
+            meta[key[0]] = {"kind": kind, "key": list(key), "tensors": sorted(named)}
+            tensors.update({f"{key[0]}::{n}": t.detach().cpu().contiguous() for n, t in named.items()})
+        return meta, tensors
+
+    def restore(self, meta: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+        """Seed the cache with fitted values saved by ``fitted`` (a bundle's ``meta["fitted"]`` and its tensors)."""
+        for layer, entry in meta.items():
+            cls = FITTED_KINDS.get(entry["kind"])
+            if cls is None:
+                raise ItnetError(f"fitted factors of kind {entry['kind']!r} are unknown to this itnet; re-run itnet "
+                                 "calibrate", layer=layer)  # fmt: skip
+            value = cls.from_tensors({n: tensors[f"{layer}::{n}"] for n in entry["tensors"]}, layer)
+            self.store(tuple(entry["key"]), (_fingerprint(()), value))
 
     def __getstate__(self) -> dict[str, object]:
         # Locks neither copy nor pickle: a copied module (copy.deepcopy) gets fresh ones.

@@ -28,9 +28,8 @@ import torch
 import triton
 
 from ..torch.lowrank import OPTIONS as LOWRANK_OPTIONS
-from ..torch.lowrank import LowRankOptions, fit_features
+from ..torch.lowrank import LowRankOptions, learned_features
 from ..torch.pairkernel import DotExpKernel, expand_kv, orthogonal_gaussian
-from ..torch.runtime import cached
 from . import loader
 from .attention import INDEX_LIMIT, layout_reason
 from .templates import lowrank as templates
@@ -272,9 +271,7 @@ def attention_lowrank(q, k, v, mask=None, *, scale, causal, return_weights=False
         f = kernel.nystrom(opts.rank, opts.landmarks, opts.seed)
         phi, psi, ls = f.phi, f.psi, f.log_scale
     else:
-        key = (layer, "learned", opts.rank, opts.seed, opts.steps, opts.lr, opts.calib)
-        fitted = cached(key, (), lambda: fit_features(q, k, v, scale=scale, causal=causal, opts=opts))
-        f = fitted.features(kernel)
+        f = learned_features(q, k, v, scale=scale, causal=causal, opts=opts, layer=layer).features(kernel)
         phi, psi, ls = f.phi, f.psi, f.log_scale
     local = bool(causal and opts.local and ls is not None)
     dtype = v.dtype

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from ...errors import ItnetError
-from ..torch.montecarlo import MonteCarloOptions, _exact_rows, draw, estimate_error
+from ..torch.montecarlo import MonteCarloOptions, _exact_rows, check_rows, draw, estimate_error
 from ..torch.pairkernel import DotExpKernel, expand_kv
 from ..torch.runtime import report_error
 from . import loader
@@ -199,6 +199,6 @@ def montecarlo_attention(
     fallback = int(bad.sum())
     if fallback:
         y = _exact_rows(kernel, expand_kv(q, v), y, bad, 0)
-    est = estimate_error(var.double().sum(), y, opts.samples, fallback)
+    est = estimate_error(var.double().sum(), y, opts.samples, fallback, check_rows(kernel, expand_kv(q, v), y, opts))
     report_error(layer, est)
     return (y, est) if return_error else y

@@ -35,6 +35,7 @@ class MonteCarloOptions(Options):
     block: int = option(0, "rows per tile; 0: sized to keep gathered samples near 2^24 elements", lo=0)
     group: int = option(64, "probe: rows that share one proposal", lo=1, tune=(16, 256))
     probes: int = option(2, "probe: rows per group scored exactly against every column", lo=1, hi=64, tune=(1, 8))
+    checks: int = option(32, "rows computed exactly to check the error estimate (0: variance only)", lo=0, hi=4096)
 
 
 @dataclass(frozen=True)
