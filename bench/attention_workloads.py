@@ -117,3 +117,55 @@ def row_entropy(q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, rows: 
     p = torch.softmax(s, -1)
     ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     return float(ent.mean())
+
+
+class StructuredDecoder(torch.nn.Module):
+    """A decoder whose attention is the ``structured`` workload's: its input embeddings carry, per token, every
+    head's query and key features of ``structured(n)`` side by side ([B, N, 2·H·D]); each block's q and k
+    projections read them (identity maps at init), v and the output projection are random, and a pre-norm GELU
+    MLP follows, both on a residual stream. Small output weights keep the stream's structure through the blocks,
+    as trained models keep their positional and content directions."""
+
+    def __init__(self, layers: int = 2, heads: int = 4, d: int = 64, hidden: int = 1024, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.heads, self.d = heads, d
+        width = 2 * heads * d
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(layers):
+            b = torch.nn.Module()
+            b.q = torch.nn.Linear(width, heads * d, bias=False)
+            b.k = torch.nn.Linear(width, heads * d, bias=False)
+            b.v = torch.nn.Linear(width, heads * d, bias=False)
+            b.o = torch.nn.Linear(heads * d, width, bias=False)
+            b.norm = torch.nn.LayerNorm(width)
+            b.up = torch.nn.Linear(width, hidden)
+            b.down = torch.nn.Linear(hidden, width)
+            with torch.no_grad():
+                eye = torch.eye(heads * d)
+                b.q.weight.copy_(torch.cat([eye, torch.zeros_like(eye)], 1))
+                b.k.weight.copy_(torch.cat([torch.zeros_like(eye), eye], 1))
+                for lin, std in ((b.v, 0.01), (b.o, 0.02), (b.up, 0.05), (b.down, 0.01)):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * std)
+            self.blocks.append(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, n, _ = x.shape
+        for b in self.blocks:
+            split = lambda t: t.view(bsz, n, self.heads, self.d).transpose(1, 2)  # noqa: E731
+            a = torch.nn.functional.scaled_dot_product_attention(split(b.q(x)), split(b.k(x)), split(b.v(x)),
+                                                                 is_causal=True)  # fmt: skip
+            x = x + b.o(a.transpose(1, 2).reshape(bsz, n, self.heads * self.d))
+            x = x + b.down(torch.nn.functional.gelu(b.up(b.norm(x))))
+        return x
+
+
+def structured_embeddings(n: int, heads: int = 4, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """``StructuredDecoder``'s input for ``structured(n, heads, d, seed)``: [1, N, 2·H·D]."""
+    q, k, _ = structured(n, heads, d, seed)
+    return torch.cat([q[0].transpose(0, 1).reshape(n, -1), k[0].transpose(0, 1).reshape(n, -1)], -1)[None]
+
+
+def structured_decoder(layers: int = 2) -> StructuredDecoder:
+    """Factory for ``itnet convert bench/attention_workloads.py:structured_decoder``."""
+    return StructuredDecoder(layers).eval()

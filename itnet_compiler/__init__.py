@@ -5,7 +5,7 @@ prog = itc.convert(model, args)
 mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
 """
 
-from .api import build, calibrate, convert, load, lowerings, parse, plan_program, targets
+from .api import build, calibrate, convert, load, lowerings, parse, plan_program, targets, tune
 from .errors import ItnetError, ParseError
 from .frontend import builtin_converters as _builtin_converters  # noqa: F401  (registers nn.LSTM, nn.GRU, Mamba)
 from .frontend.converters import ConverterContext, register_converter, unregister_converter
@@ -38,6 +38,7 @@ __all__ = [
     "register_converter",
     "register_lowering",
     "targets",
+    "tune",
     "unregister_converter",
     "unregister_lowering",
 ]

@@ -122,6 +122,26 @@ def calibrate(
     return out
 
 
+def tune(
+    prog: Program,
+    calib_inputs: object,
+    budget: float = 1e-2,
+    backend: str = "torch",
+    time_limit: float | None = None,
+    held_out: object | None = None,
+    repeat: int = 5,
+    progress: object | None = None,
+    keep: int = 16,
+    per_layer: int = 4,
+):
+    """The fastest per-layer plan within ``budget`` (relative error of the outputs), measured on ``calib_inputs``
+    and verified on ``held_out``: an ``itnet_compiler.plan.Plan`` (see ``itnet_compiler.tuner``; ``Plan.save``
+    writes the file ``build(prog, plan=path)`` and ``itnet run --plan`` reuse)."""
+    from .tuner import tune as _tune
+
+    return _tune(prog, calib_inputs, budget, backend, time_limit, held_out, repeat, progress, keep, per_layer)
+
+
 def _example_sizes(prog: Program) -> dict[str, int]:
     example = prog.meta.get("example")
     sizes = example.get("sizes") if isinstance(example, dict) else None
@@ -137,15 +157,23 @@ def build(
 ) -> torch.nn.Module:
     """Compile a program into a ``torch.nn.Module`` that is called like the source model.
 
-    ``plan`` forces lowerings per layer (globs); ``error_budget`` lets the cost model choose the rest (see
+    ``plan`` forces lowerings per layer (globs), or is a tuned ``Plan`` (``itc.tune``; a plan file written by
+    ``itnet tune``), refused when made for another program, backend, device or library versions, and whose module
+    refuses inputs of other sizes than it was tuned at; ``error_budget`` lets the cost model choose the rest (see
     ``plan_program``). The chosen lowerings are in ``module.program``; Monte Carlo layers report their error
     estimates in ``module.error_estimates`` after each forward."""
+    from .plan import resolve_plan
+
     target = get_target(backend)
+    plan, plan_sizes = resolve_plan(prog, plan, target.name)
     planned = plan_program(prog, plan, target.name, error_budget, sizes)
     if target.backend == "torch":
         from .backends.torch.codegen import build_torch
 
-        return build_torch(planned)
-    from .backends.triton.codegen import build_triton
+        module = build_torch(planned)
+    else:
+        from .backends.triton.codegen import build_triton
 
-    return build_triton(planned)
+        module = build_triton(planned)
+    module.plan_sizes = plan_sizes
+    return module

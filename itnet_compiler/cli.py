@@ -1,10 +1,13 @@
-"""The ``itnet`` command line (also ``python cli.py`` from a checkout): convert, inspect, run, lowerings.
+"""The ``itnet`` command line (also ``python cli.py`` from a checkout): convert, inspect, run, calibrate, tune, bench,
+lowerings (``tune``: ``tune_cli``; ``bench``: ``benchmark``).
 
     itnet convert SPEC -o m.itir [--input name:shape:dtype ...] [--dynamic name:dim[=symbol[:min:max]] ...]
                                  [--config cfg.json] [--seed N]
     itnet inspect m.itir [--cost]
     itnet run m.itir [--check (--source SPEC | --trust-source)] [--plan plan.json] [--lowering 'glob=spec' ...]
                      [--input ...] [--seed N] [--tol T] [--error-budget B] [--backend torch|triton|TARGET]
+    itnet tune m.itir --budget 1e-2 [--calib N | --calib-data F ...] [--time-limit S] -o plan.json [--report r.html]
+    itnet bench m.itir [--plan plan.json] [--backward] [--source SPEC | --trust-source] [--json out.json]
     itnet lowerings [FAMILY] [--json]
 
 SPEC is ``path/file.py:factory``, ``package.module:factory`` or ``hf:ModelClass`` (with ``--config config.json``).
@@ -27,7 +30,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from . import config
+from . import benchmark, config, tune_cli
 from .api import build, calibrate, convert, load
 from .errors import ItnetError, ParseError
 from .frontend import specs
@@ -35,6 +38,7 @@ from .ir import treespec
 from .ir.bundle import read_json, read_tensors
 from .ir.core import Program
 from .ir.types import DTYPE_NAMES, ScalarType, TensorType
+from .plan import Plan
 from .report import example_sizes, print_inspect
 
 EXIT_ERROR = 1
@@ -216,7 +220,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     module = build(prog, backend=ns.backend, plan=plan, error_budget=ns.error_budget)
     t_build = time.perf_counter() - t0
-    args, kwargs = _run_inputs(prog, ns.input, ns.seed)
+    args, kwargs = _run_inputs(prog, ns.input, ns.seed, plan)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = _guarded(lambda: module(*args, **kwargs), "running the program")
@@ -312,9 +316,15 @@ def _record_fallbacks(bundle: str, fallbacks: dict[str, str]) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _plan(ns: argparse.Namespace) -> dict[str, str] | None:
+def _plan(ns: argparse.Namespace) -> dict[str, str] | Plan | None:
+    """``--lowering`` rules before ``--plan`` entries; a tuned plan file (``itnet tune``) is loaded whole, so that
+    ``build`` checks it was made for this program, device and versions."""
     from .passes.plan import load_plan
 
+    if ns.plan and Plan.is_tuned(ns.plan):
+        if ns.lowering:
+            raise ItnetError(f"{ns.plan} is a tuned plan; --lowering cannot amend it: tune again, or edit its layers")
+        return Plan.load(ns.plan)
     rules: dict[str, str] = {}
     for text in ns.lowering:
         glob, eq, spec = text.partition("=")
@@ -327,9 +337,10 @@ def _plan(ns: argparse.Namespace) -> dict[str, str] | None:
     return rules or None
 
 
-def _run_inputs(prog: Program, overrides: Sequence[str], seed: int) -> tuple[tuple, dict]:
-    """Random inputs of the program's types at the example sizes; ``--input`` replaces any of them by name."""
-    sizes = example_sizes(prog)
+def _run_inputs(prog: Program, overrides: Sequence[str], seed: int, plan: object = None) -> tuple[tuple, dict]:
+    """Random inputs of the program's types at the example sizes (a tuned plan's sizes, given one); ``--input``
+    replaces any of them by name."""
+    sizes = {**example_sizes(prog), **(plan.sizes if isinstance(plan, Plan) else {})}
     example = prog.meta.get("example") if isinstance(prog.meta.get("example"), dict) else {}
     facts = example.get("inputs", []) if isinstance(example.get("inputs"), list) else []
     ranges = {f.get("name"): f.get("range") for f in facts if isinstance(f, dict) and f.get("range")}
@@ -533,6 +544,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "triton", "torch-cpu", "torch-cuda"), default="torch")
     p.set_defaults(func=cmd_calibrate)
 
+    tune_cli.add_parser(sub)
+    benchmark.add_parser(sub)
+
     p = sub.add_parser("lowerings", help="list each family's lowerings, their options and the targets running them")
     p.add_argument("family", metavar="FAMILY", nargs="?", help="one family only (stationary, dot_exp, ssm, gated)")
     p.add_argument("--json", action="store_true", help="the registry as JSON")
@@ -549,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
         if getattr(ns, "func", None) is None:
-            raise _UsageError("choose a command: convert, inspect, run or lowerings (see itnet --help)")
+            raise _UsageError("choose a command (itnet --help lists them)")
         return ns.func(ns)
     except _UsageError as e:
         return _fail(str(e), EXIT_USAGE)

@@ -86,6 +86,7 @@ class _Importer:
         self.prog = Program()
         self.env: dict[fx.Node, object] = {}
         self.rename = {sympy.Symbol(k, integer=True, positive=True): make_symbol(v) for k, v in names.items()}
+        self.taken: set[str] | None = None  # value names handed out or held by graph nodes (see result_name)
 
     def expr(self, e: sympy.Expr) -> sympy.Expr:
         return canonical_expr(e).xreplace(self.rename) if self.rename else canonical_expr(e)
@@ -200,7 +201,7 @@ class _Importer:
         val = n.meta.get("val")
         multi = isinstance(val, (list, tuple))
         vals = list(val) if multi else ([] if val is None else [val])
-        names = [f"{n.name}_{i}" for i in range(len(vals))] if multi else [n.name] * len(vals)
+        names = [self.result_name(n, i) for i in range(len(vals))] if multi else [n.name] * len(vals)
         outs = [Value(_ssa(name), self.type_of(x, n.name)) for name, x in zip(names, vals, strict=True)]
         args = [self.arg(a, n) for a in n.args]
         kwargs = {k: self.arg(a, n) for k, a in n.kwargs.items()}
@@ -209,6 +210,21 @@ class _Importer:
 
     def output(self, n: fx.Node) -> None:
         self.prog.outputs = [self.arg(a, n) for a in n.args[0]]
+
+    def graph(self) -> fx.Graph:
+        return self.ep.graph
+
+    def result_name(self, n: fx.Node, i: int) -> str:
+        """``{node}_{i}`` for result i of a multi-result node, suffixed where another graph node has that name
+        (``sdpa`` results ``sdpa_0, sdpa_1`` against a second node ``sdpa_1``)."""
+        if self.taken is None:
+            self.taken = {_ssa(x.name) for x in self.graph().nodes}
+        name, k = f"{n.name}_{i}", 0
+        while _ssa(name) in self.taken:
+            k += 1
+            name = f"{n.name}_{i}_{k}"
+        self.taken.add(_ssa(name))
+        return name
 
 
 def _finite_int(x: object) -> bool:

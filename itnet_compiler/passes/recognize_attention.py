@@ -3,7 +3,9 @@
 Expects: generic ATen nodes (convolutions may already be transforms). Guarantees: valid IR; these become one
 ``dot_exp`` node each, exactly (no approximation):
 - ``aten.scaled_dot_product_attention`` with dropout 0, on [B, H, L, D] or [N, L, D] operands: boolean or additive
-  ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``;
+  ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``; likewise the fused ATen kernels it dispatches to
+  (``_scaled_dot_product_flash_attention_for_cpu``, ``_flash_attention``, ``_efficient_attention``, as AOTAutograd
+  graphs hold them) when nothing reads their extra results (the logsumexp a backward graph saves keeps them generic);
 - the hand-written chain, anchored at its last matmul: ``matmul|bmm(q, kᵀ)`` or ``baddbmm(mask, q, kᵀ)`` (as
   nn.MultiheadAttention writes it), then in any order that keeps the kernel exp(s·⟨q, k⟩ + b): ``mul|div`` by a
   constant, ``add`` of an additive mask or bias, ``masked_fill(·, drop, -inf)`` / ``where(keep, ·, -inf)``; then
@@ -38,6 +40,13 @@ _RESHAPE = ("aten.reshape.default", "aten.view.default", "aten._unsafe_view.defa
 _FILL_DROP = ("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")  # fills where the condition is true
 _WHERE = ("aten.where.ScalarOther", "aten.where.ScalarSelf", "aten.where.self")
 _SCALE = ("aten.mul.Tensor", "aten.div.Tensor", "aten.mul.Scalar", "aten.div.Scalar")
+_SDPA = ("aten.scaled_dot_product_attention.default",)
+# Fused kernels: result 0 is the attention output; the others (logsumexp, RNG state, ...) serve only a backward.
+_FUSED_SDPA = (
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+)
 
 
 def _tt(v: object) -> TensorType | None:
@@ -92,6 +101,8 @@ def _repeat_interleave_base(r: Node) -> Value | None:
 # ---------------------------------------------------------------------------------------------------------- SDPA
 def _sdpa(m: Match) -> Rewrite | None:
     node = m.node
+    if node.op in _FUSED_SDPA and (not m.n_uses(node.outputs[0]) or any(m.n_uses(o) for o in node.outputs[1:])):
+        return None  # already rewritten (result 0 unread), or a backward reads the logsumexp
     a = bind(node)
     q, k, v = a["query"], a["key"], a["value"]
     qt, kt, vt = _tt(q), _tt(k), _tt(v)
@@ -107,7 +118,7 @@ def _sdpa(m: Match) -> Rewrite | None:
         scale = 1.0 / math.sqrt(d)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return None
-    mask = a.get("attn_mask")
+    mask = a.get("attn_mask", a.get("attn_bias"))
     mt = _tt(mask)
     if mask is not None and mt is None:
         return None
@@ -347,7 +358,9 @@ def _emit(
     out = node.outputs[0]
     ot = _tt(out)
     res_t = TensorType(ot.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3])) if three else ot
-    outs = [Value(m.fresh(out.name + "_it") if three else out.name, res_t)]
+    # A fused SDPA node stays until dce (its other results): the transform's result needs a name of its own.
+    fresh = three or len(node.outputs) > 1
+    outs = [Value(m.fresh(out.name + "_it") if fresh else out.name, res_t)]
     if weights is not None:
         pt = _tt(weights)
         w_t = TensorType(pt.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], kt.shape[2])) if three else pt
@@ -393,6 +406,6 @@ def _unsq(m: Match, x: Value, pre: list[Node], layer: str) -> Value:
 
 
 RULES: list[Rule] = [
-    (("aten.scaled_dot_product_attention.default",), _sdpa),
+    (_SDPA + _FUSED_SDPA, _sdpa),
     (_MATMUL, _chain),
 ]

@@ -149,6 +149,7 @@ class ItnetModule(torch.nn.Module):
         # Error estimates of Monte Carlo layers and cached factors (SVD, FFT spectra, learned features) of this module.
         self.runtime = RuntimeState()
         self.runtime.restore(prog.meta.get("fitted") or {}, prog.fitted)  # a calibrated bundle's factors
+        self.plan_sizes: dict[str, int] | None = None  # a tuned plan's sizes: other sizes are refused
 
     @property
     def error_estimates(self) -> dict[str, dict[str, float | int]]:
@@ -182,6 +183,8 @@ class ItnetModule(torch.nn.Module):
     def _run(self, flat: list[object] | tuple[object, ...]) -> tuple[object, ...]:
         """The generated graph on checked inputs. A failure inside it becomes one ``ItnetError`` naming the node as
         printed (found by replaying the call node by node); ``ITNET_CHECK_TYPES=1`` checks every result's type."""
+        if self.plan_sizes:
+            self._check_plan_sizes(flat)
         with self.runtime:
             if config.check_types():
                 return RuntimeTypeCheck(self.gm, self._bound_sizes(flat)).run(*flat)
@@ -198,6 +201,13 @@ class ItnetModule(torch.nn.Module):
                 except Exception:
                     pass
                 raise ItnetError(f"running the program failed ({type(e).__name__}: {first_line(e)})") from e
+
+    def _check_plan_sizes(self, flat: list[object] | tuple[object, ...]) -> None:
+        bound = self._bound_sizes(flat)
+        diff = [f"{k}={bound[k]} (tuned at {v})" for k, v in sorted(self.plan_sizes.items()) if bound.get(k, v) != v]
+        if diff:
+            raise ItnetError(f"this module's plan was tuned at other sizes: {', '.join(diff)}; tune for these sizes "
+                             "(itnet tune --retune) or build without the plan")  # fmt: skip
 
     def _bound_sizes(self, flat: list[object] | tuple[object, ...]) -> dict[str, int]:
         sizes: dict[str, int] = {}

@@ -129,7 +129,9 @@ def _(node, opts, tensors):
     rank = opts.rank
     rows = s.bh * s.lq * m
     proposal = opts.proposal
-    setup = {"uniform": 0, "norm": 2 * s.bh * s.lk * (s.d + s.dv), "lowrank": 2 * s.bh * (s.lq + s.lk) * rank * s.d}
+    probe_rows = s.bh * s.lq / opts.group * opts.probes  # each scored exactly against every column
+    setup = {"uniform": 0, "norm": 2 * s.bh * s.lk * (s.d + s.dv), "lowrank": 2 * s.bh * (s.lq + s.lk) * rank * s.d,
+             "probe": probe_rows * s.lk * (2 * s.d + 8)}  # fmt: skip
     if opts.mode == "shared":
         flops = rows * (2 * s.d + 4 * s.dv + 8) + setup[proposal]
         moved = s.io + s.e * (rows + s.bh * m * (s.d + s.dv))
