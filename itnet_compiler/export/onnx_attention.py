@@ -6,56 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from ..ir.core import Node
-from ..ir.types import TensorType
-
-_ONNX_DTYPE = {
-    "float32": TensorProto.FLOAT,
-    "float64": TensorProto.DOUBLE,
-    "float16": TensorProto.FLOAT16,
-    "bfloat16": TensorProto.BFLOAT16,
-}
-
-
-class Nodes:
-    """A list of NodeProtos with fresh value names."""
-
-    def __init__(self, prefix: str = "t"):
-        self.nodes: list[onnx.NodeProto] = []
-        self._n = 0
-        self._prefix = prefix
-
-    def fresh(self) -> str:
-        self._n += 1
-        return f"{self._prefix}{self._n}"
-
-    def op(self, op_type: str, inputs: list[str], out: str | None = None, n_out: int = 1, **attrs) -> str:
-        outs = [out or self.fresh()] + [self.fresh() for _ in range(n_out - 1)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
-        return outs[0] if n_out == 1 else outs
-
-    def const(self, array: np.ndarray) -> str:
-        name = self.fresh()
-        self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name)))
-        return name
-
-    def scalar(self, value: float, onnx_dtype: int) -> str:
-        """A 0-d constant of ``onnx_dtype`` (a float cast from float32, so half types work)."""
-        c = self.const(np.array(value, dtype=np.float32))
-        return c if onnx_dtype == TensorProto.FLOAT else self.op("Cast", [c], to=onnx_dtype)
-
-    def ints(self, *values: int) -> str:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def dim(self, x: str, axis: int) -> str:
-        """Size of ``x`` along ``axis`` (>= 0) as a 1-element int64 tensor."""
-        return self.op("Shape", [x], start=axis, end=axis + 1)
-
-
-def _dtype(t: TensorType) -> int:
-    return _ONNX_DTYPE.get(str(t.dtype).removeprefix("torch."), TensorProto.FLOAT)
+from .onnx_nodes import Nodes, onnx_dtype
 
 
 def support_keep(b: Nodes, q: str, k: str, causal: bool, window: int) -> str | None:
@@ -90,15 +43,22 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     q, k, v = ins[:3]
     mask = ins[3] if a.mask != "none" else None
     qt, vt = node.kwargs["q"].type, node.kwargs["v"].type
-    dt = _dtype(qt)
+    dt = onnx_dtype(qt)
     b = Nodes()
     keep = support_keep(b, q, k, a.causal, a.window)
-    if opset >= 23 and not a.return_weights:
+    # onnxruntime's Attention adds an additive mask in a way that differs from torch on rows masked with finfo.min:
+    # those (HF eager masks) take the MatMul / Softmax form at every opset.
+    if opset >= 23 and not a.return_weights and a.mask != "additive":
         attn_mask, causal = mask, 0
         if keep is not None and mask is None and not a.window:
             causal = 1
         elif keep is not None:
             attn_mask = _combine(b, mask, keep, a.mask, dt)
+        if attn_mask is not None:  # onnxruntime wants the mask's rows spelled out (no broadcast along Lq)
+            rank = node.kwargs["mask"].type.rank if mask is not None else 2
+            rows = b.op("Concat", [b.ints(*([1] * (rank - 2))), b.dim(q, 2), b.dim(k, 2)] if rank > 2 else
+                        [b.dim(q, 2), b.dim(k, 2)], axis=0)  # fmt: skip
+            attn_mask = b.op("Expand", [attn_mask, rows])
         attrs = {"scale": float(a.scale), "is_causal": causal}
         b.op("Attention", [q, k, v] + ([attn_mask] if attn_mask is not None else []), out=outs[0], **attrs)
         return b.nodes
@@ -114,6 +74,9 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     if keep is not None:
         s = b.op("Where", [keep, s, ninf])
     p = b.op("Softmax", [s], axis=-1)
+    if mask is not None or keep is not None:  # a row with no admitted column is zero (torch's safe softmax), not NaN
+        top = b.op("ReduceMax", [s, b.ints(-1)], keepdims=1)
+        p = b.op("Where", [b.op("Equal", [top, ninf]), b.scalar(0.0, dt), p])
     b.op("MatMul", [p, v], out=outs[0])
     if a.return_weights:
         b.op("Identity", [p], out=outs[1])

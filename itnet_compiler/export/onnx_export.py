@@ -11,7 +11,6 @@ inlined and the model holds standard ops only. Dynamic dims keep the IR's symbol
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import warnings
@@ -169,7 +168,8 @@ def quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        sink = io.StringIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -198,21 +198,24 @@ def _reason(e: BaseException) -> str:
     return first_line(e)[:400]
 
 
-def _example_inputs(prog: Program, sizes: dict[str, int] | None) -> list[torch.Tensor]:
-    """Random inputs of the program's types at its example sizes (``sizes`` override them), flattened."""
-    from ..cli import _run_inputs
+def example_inputs(prog: Program, sizes: dict[str, int] | None = None) -> list[torch.Tensor]:
+    """Inputs of the program's types at its example sizes (``sizes`` override them), flattened: floats random, ints
+    zero (a valid token id and position), bools True. Only their shapes shape the exported graph."""
+    from ..report import example_sizes
 
-    if sizes:
-        prog = copy.copy(prog)
-        example = dict(prog.meta.get("example") or {})
-        example["sizes"] = {**(example.get("sizes") or {}), **sizes}
-        prog.meta = {**prog.meta, "example": example}
-    args, kwargs = _run_inputs(prog, [], 0)
-    flat = pytree.tree_flatten((args, kwargs))[0]
-    for v, x in zip(prog.inputs, flat, strict=True):
-        if not isinstance(x, torch.Tensor):
-            raise ItnetError(f"input '{v.name}' is a {type(x).__name__}; ONNX graphs take tensor inputs only")
-    return flat
+    at = {**example_sizes(prog), **(sizes or {})}
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for v in prog.inputs:
+        if not isinstance(v.type, TensorType):
+            raise ItnetError(f"input '{v.name}' is a {v.type}; ONNX graphs take tensor inputs only")
+        shape = [int(d.subs({s: at[s.name] for s in d.free_symbols if s.name in at})) for d in v.type.shape]
+        dt = v.type.dtype
+        if dt.is_floating_point or dt.is_complex:
+            out.append(torch.randn(shape, generator=gen, dtype=dt))
+        else:
+            out.append((torch.ones if dt == torch.bool else torch.zeros)(shape, dtype=dt))
+    return out
 
 
 def export_onnx(
@@ -234,7 +237,7 @@ def export_onnx(
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise ItnetError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     _register_schemas()
-    flat = _example_inputs(planned, sizes)
+    flat = example_inputs(planned, sizes)
     entries: dict[int, _Entry] = {}
     index_of: dict[int, int] = {}
 

@@ -19,7 +19,7 @@ from onnx import helper
 from ..errors import ItnetError
 from ..ir.core import Node, Value
 from ..ir.lowering import REGISTRY, LoweringSpec
-from . import onnx_attention, onnx_scan
+from . import onnx_attention, onnx_gated, onnx_scan
 
 # Exact references the traced path exports: torch's own op for each family (never a tile loop).
 _REFERENCE = {"stationary": "library", "dot_exp": "library", "gated": "library", "ssm": "scan"}
@@ -66,6 +66,9 @@ class FunctionBuilder:
         if exact and node.family == "ssm":
             nodes = onnx_scan.emit(node, ins, outs, self.opset)
             return self._function(name, ins, outs, nodes)
+        if exact and node.family == "gated":
+            emit = onnx_scan.lstm_projected if node.attrs.proj_size else onnx_gated.emit
+            return self._function(name, ins, outs, emit(node, ins, outs, self.opset))
         if exact and node.family in _REFERENCE:
             return self._traced(node, name, tensors, _REFERENCE[node.family])
         if (node.family, low) in TRACED or self.fallback == "trace":
@@ -88,8 +91,8 @@ class FunctionBuilder:
 
         run = node
         if reference is not None and node.attrs.lowering.name != reference:
-            run = Node(node.op, node.args, node.kwargs, node.outputs, node.attrs.replace(lowering=LoweringSpec(reference)),
-                       node.layer)  # fmt: skip
+            attrs = node.attrs.replace(lowering=LoweringSpec(reference))
+            run = Node(node.op, node.args, node.kwargs, node.outputs, attrs, node.layer)
         impl, static = implementation(run)
 
         class One(torch.nn.Module):

@@ -12,8 +12,9 @@ import sympy
 from onnx import helper
 
 from ..errors import ItnetError, first_line
-from ..ir.core import Node, Program
+from ..ir.core import Node, Program, iter_values
 from ..ir.types import TensorType
+from .onnx_nodes import onnx_dtype
 
 
 def finish(
@@ -27,6 +28,7 @@ def finish(
 ) -> onnx.ModelProto:
     from .onnx_export import EXPORT_DOMAIN, ITNET_DOMAIN
 
+    taken = {n.name for n in model.graph.node}
     for n in model.graph.node:
         if n.domain != EXPORT_DOMAIN:
             continue
@@ -34,7 +36,9 @@ def finish(
         fname, node = calls[index]
         del n.attribute[:]
         n.domain, n.op_type = ITNET_DOMAIN, fname
-        n.name = node.layer or node.outputs[0].name
+        base = node.layer or node.outputs[0].name
+        n.name = next(f"{base}#{k}" if k else base for k in range(len(taken) + 1) if (f"{base}#{k}" if k else base) not in taken)
+        taken.add(n.name)
         del n.metadata_props[:]
         for key, val in (("itnet.layer", node.layer), ("itnet.family", node.family), ("itnet.lowering", node.lowering)):
             n.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(val)))
@@ -53,6 +57,7 @@ def finish(
         keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
         del model.opset_import[:]
         model.opset_import.extend(keep)
+    _drop_untyped(model, prog)
     _rename_dims(model, prog)
     model.producer_name = "itnet"
     del model.metadata_props[:]
@@ -67,6 +72,23 @@ def finish(
     except Exception as e:
         raise ItnetError(f"the exported ONNX model fails onnx.checker: {first_line(e)[:300]}") from None
     return model
+
+
+def _drop_untyped(model: onnx.ModelProto, prog: Program) -> None:
+    """value_info the exporter could not type (outputs of a multi-output transform call) is dropped: shape
+    inference fills it in. Graph outputs take their type from the IR."""
+    keep = [vi for vi in model.graph.value_info if vi.HasField("type")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    ir_outputs = [v for v in iter_values(prog.outputs)]
+    for i, o in enumerate(model.graph.output):
+        if o.HasField("type"):
+            continue
+        if i >= len(ir_outputs) or not isinstance(ir_outputs[i].type, TensorType):
+            raise ItnetError(f"the exporter gave output {o.name} no type")
+        t = ir_outputs[i].type
+        dims = [int(d) if d.is_Integer else str(d) for d in t.shape]
+        o.type.CopyFrom(helper.make_tensor_type_proto(onnx_dtype(t), dims))
 
 
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
