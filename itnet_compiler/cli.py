@@ -1,5 +1,5 @@
 """The ``itnet`` command line (also ``python cli.py`` from a checkout): convert, inspect, run, calibrate, tune, bench,
-lowerings (``tune``: ``tune_cli``; ``bench``: ``benchmark``).
+lowerings (``tune``: ``tune_cli``; ``bench``: ``benchmark``; ``export``: ``export_cli``).
 
     itnet convert SPEC -o m.itir [--input name:shape:dtype ...] [--dynamic name:dim[=symbol[:min:max]] ...]
                                  [--config cfg.json] [--seed N]
@@ -30,7 +30,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from . import benchmark, config, tune_cli
+from . import benchmark, config, export_cli, tune_cli
 from .api import build, calibrate, convert, load
 from .errors import ItnetError, ParseError
 from .frontend import specs
@@ -546,6 +546,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tune_cli.add_parser(sub)
     benchmark.add_parser(sub)
+    export_cli.add_parser(sub)
 
     p = sub.add_parser("lowerings", help="list each family's lowerings, their options and the targets running them")
     p.add_argument("family", metavar="FAMILY", nargs="?", help="one family only (stationary, dot_exp, ssm, gated)")

@@ -33,7 +33,11 @@ def _expand_heads(b: Nodes, x: str, groups: int, heads: int, last: int) -> str:
         return x
     x5 = b.op("Unsqueeze", [x, b.ints(2)])
     s = b.op("Shape", [x])
-    shape = b.op("Concat", [b.op("Slice", [s, b.ints(0), b.ints(2)]), b.ints(groups), b.op("Slice", [s, b.ints(2), b.ints(4)])], axis=0)
+    shape = b.op(
+        "Concat",
+        [b.op("Slice", [s, b.ints(0), b.ints(2)]), b.ints(groups), b.op("Slice", [s, b.ints(2), b.ints(4)])],
+        axis=0,
+    )
     x5 = b.op("Expand", [x5, shape])
     return b.op("Reshape", [x5, b.ints(0, heads, -1, last)])
 
@@ -56,8 +60,11 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
             attn_mask = _combine(b, mask, keep, a.mask, dt)
         if attn_mask is not None:  # onnxruntime wants the mask's rows spelled out (no broadcast along Lq)
             rank = node.kwargs["mask"].type.rank if mask is not None else 2
-            rows = b.op("Concat", [b.ints(*([1] * (rank - 2))), b.dim(q, 2), b.dim(k, 2)] if rank > 2 else
-                        [b.dim(q, 2), b.dim(k, 2)], axis=0)  # fmt: skip
+            rows = b.op(
+                "Concat",
+                [b.ints(*([1] * (rank - 2))), b.dim(q, 2), b.dim(k, 2)] if rank > 2 else [b.dim(q, 2), b.dim(k, 2)],
+                axis=0,
+            )
             attn_mask = b.op("Expand", [attn_mask, rows])
         attrs = {"scale": float(a.scale), "is_causal": causal}
         b.op("Attention", [q, k, v] + ([attn_mask] if attn_mask is not None else []), out=outs[0], **attrs)

@@ -20,7 +20,6 @@ from pathlib import Path
 import onnx
 import sympy
 import torch
-import torch.utils._pytree as pytree
 from onnx import defs
 
 from ..errors import ItnetError, first_line
@@ -164,26 +163,42 @@ def dynamic_shapes(values: list[Value], symbols: dict[str, list[int | None]]) ->
 @contextlib.contextmanager
 def quiet():
     """torch's exporter prints progress and logs warnings about optional packages: keep the CLI's output clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         sink = io.StringIO()
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _searchsorted(sorted_sequence, values, out_int32: bool = False, right: bool = False, side=None, sorter=None):
+    """aten.searchsorted (which torch's ONNX table lacks; the sampling lowerings use it): the count of sorted
+    entries below (``right``: not above) each value, by one broadcast comparison."""
+    from onnxscript import opset18 as op
+
+    seq = op.Unsqueeze(sorted_sequence, [-2])
+    val = op.Unsqueeze(values, [-1])
+    hit = op.LessOrEqual(seq, val) if right or side == "right" else op.Less(seq, val)
+    count = op.ReduceSum(op.Cast(hit, to=onnx.TensorProto.INT64), [-1], keepdims=0)
+    return op.Cast(count, to=onnx.TensorProto.INT32) if out_int32 else count
 
 
 def torch_to_onnx(module: torch.nn.Module, args: tuple, dyn: tuple, opset: int, what: str, table=None):
     """``torch.onnx.export`` (the dynamo exporter) to a ModelProto; its failure becomes one ItnetError line that
     keeps torch's reason."""
+    table = {torch.ops.aten.searchsorted.Tensor: _searchsorted, **(table or {})}
     try:
         with quiet():
             ep = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
-            prog = torch.onnx.export(ep, custom_translation_table=table or {}, opset_version=opset, dynamo=True,
-                                     verbose=False, optimize=True)  # fmt: skip
+            prog = torch.onnx.export(
+                ep, custom_translation_table=table, opset_version=opset, dynamo=True, verbose=False, optimize=True
+            )
     except ItnetError:
         raise
     except Exception as e:
@@ -263,8 +278,9 @@ def export_onnx(
             names = {i: bodies.add(e.node, seen[i]) for i, e in entries.items()}
         table = {torch.ops.itnet_export.transform.default: _translator(names, entries)}
         with state:
-            model = torch_to_onnx(gm, tuple(flat), dynamic_shapes(planned.inputs, planned.symbols), int(opset),
-                                  "the program", table)  # fmt: skip
+            model = torch_to_onnx(
+                gm, tuple(flat), dynamic_shapes(planned.inputs, planned.symbols), int(opset), "the program", table
+            )
     finally:
         _ACTIVE.clear()
     from .onnx_post import finish
@@ -305,4 +321,3 @@ def _translator(names: dict[int, str], entries: dict[int, _Entry]):
         return list(out) if k > 1 else [out]
 
     return translate
-

@@ -10,6 +10,7 @@ lowering decomposed the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import onnx
@@ -19,12 +20,14 @@ from onnx import helper
 from ..errors import ItnetError
 from ..ir.core import Node, Value
 from ..ir.lowering import REGISTRY, LoweringSpec
-from . import onnx_attention, onnx_gated, onnx_scan
+from . import draws, onnx_attention, onnx_gated, onnx_scan
 
 # Exact references the traced path exports: torch's own op for each family (never a tile loop).
 _REFERENCE = {"stationary": "library", "dot_exp": "library", "gated": "library", "ssm": "scan"}
-# Approximate lowerings whose torch implementation exports as standard ops.
-TRACED = {("dot_exp", "lowrank"), ("stationary", "lowrank"), ("dot_exp", "montecarlo"), ("stationary", "montecarlo")}
+# Approximate lowerings whose torch implementation exports as standard ops (lowrank: FAVOR+ features; montecarlo:
+# per_row with the norm or uniform proposal). Others (Nyström's pseudo-inverse, factorised convolution weights,
+# multinomial draws) have no ONNX form.
+TRACED = {("dot_exp", "lowrank"), ("dot_exp", "montecarlo")}
 
 
 def is_exact(node: Node) -> bool:
@@ -80,9 +83,7 @@ class FunctionBuilder:
         )
 
     def _function(self, name: str, ins: list[str], outs: list[str], nodes: list[onnx.NodeProto]) -> onnx.FunctionProto:
-        return helper.make_function(
-            "itnet", name, ins, outs, nodes, [helper.make_opsetid("", self.opset)], []
-        )
+        return helper.make_function("itnet", name, ins, outs, nodes, [helper.make_opsetid("", self.opset)], [])
 
     def _traced(self, node: Node, name: str, tensors: list[torch.Tensor], reference: str | None) -> onnx.FunctionProto:
         """The node's torch lowering (or the family's exact reference) exported alone, as a function."""
@@ -104,15 +105,21 @@ class FunctionBuilder:
         if reference is None:  # random draws are made at export time: the sizes must stay those of the example
             dyn = None
         what = f"layer '{node.layer}' ({node.family}, lowering {node.lowering})"
+        drawn: list[torch.Tensor] = []
         with self.state:
-            model = torch_to_onnx(One(), tuple(tensors), (dyn,) if dyn is not None else None, self.opset, what)
+            if reference is None:
+                try:
+                    with draws.record(drawn), torch.no_grad():
+                        One()(*tensors)
+                except ItnetError as e:
+                    raise ItnetError(str(e), layer=node.layer or None) if e.layer is None else e from None
+            with draws.replay(drawn) if reference is None else contextlib.nullcontext():
+                model = torch_to_onnx(One(), tuple(tensors), (dyn,) if dyn is not None else None, self.opset, what)
         return self._from_model(model, name)
 
     def _from_model(self, model: onnx.ModelProto, name: str) -> onnx.FunctionProto:
         g = model.graph
-        nodes = [
-            helper.make_node("Constant", [], [init.name], value=init) for init in g.initializer
-        ]
+        nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in g.initializer]
         nodes += list(g.node)
         for f in model.functions:
             self.nested.setdefault((f.domain, f.name), f)

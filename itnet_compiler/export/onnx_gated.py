@@ -48,7 +48,7 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
             if a.bias:
                 bias = [_reorder(b, weights[base + 2], a.cell), _reorder(b, weights[base + 3], a.cell)]
                 bs.append(b.op("Unsqueeze", [b.op("Concat", bias, axis=0), b.ints(0)]))
-        cat = (lambda xs: xs[0] if len(xs) == 1 else b.op("Concat", xs, axis=0))  # noqa: E731
+        cat = lambda xs: xs[0] if len(xs) == 1 else b.op("Concat", xs, axis=0)  # noqa: E731
         sl = slice(layer * dirs, (layer + 1) * dirs)
         lh = b.op("Slice", [h0, b.ints(sl.start), b.ints(sl.stop), b.ints(0)]) if h0 else ""
         lc = b.op("Slice", [c0, b.ints(sl.start), b.ints(sl.stop), b.ints(0)]) if c0 else ""

@@ -37,7 +37,9 @@ def finish(
         del n.attribute[:]
         n.domain, n.op_type = ITNET_DOMAIN, fname
         base = node.layer or node.outputs[0].name
-        n.name = next(f"{base}#{k}" if k else base for k in range(len(taken) + 1) if (f"{base}#{k}" if k else base) not in taken)
+        n.name = next(
+            f"{base}#{k}" if k else base for k in range(len(taken) + 1) if (f"{base}#{k}" if k else base) not in taken
+        )
         taken.add(n.name)
         del n.metadata_props[:]
         for key, val in (("itnet.layer", node.layer), ("itnet.family", node.family), ("itnet.lowering", node.lowering)):
@@ -63,8 +65,10 @@ def finish(
     del model.metadata_props[:]
     from ..plan import program_hash
 
-    meta = {"itnet.program_hash": program_hash(prog), "itnet.lowerings": json.dumps(
-        {n.name: n.lowering for n in prog.transforms})}  # fmt: skip
+    meta = {
+        "itnet.program_hash": program_hash(prog),
+        "itnet.lowerings": json.dumps({n.name: n.lowering for n in prog.transforms}),
+    }
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     try:

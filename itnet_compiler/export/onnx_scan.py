@@ -25,8 +25,11 @@ def _body(name: str, b: Nodes, inputs: list[str], outputs: list[str]) -> onnx.Gr
 def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.NodeProto]:
     a = node.attrs
     if any(str(node.kwargs[r].type.dtype).startswith("torch.complex") for r in ("A", "B", "C")):
-        raise ItnetError("an ssm with a complex state (S4D in recurrent form) has no ONNX mapping; plan it as the "
-                         "stationary (convolution) form, or export the model converted that way", layer=node.layer)  # fmt: skip
+        raise ItnetError(
+            "an ssm with a complex state (S4D in recurrent form) has no ONNX mapping; plan it as the "
+            "stationary (convolution) form, or export the model converted that way",
+            layer=node.layer,
+        )
     present = iter(ins)
     got = {r.rstrip("?"): next(present) for r in a.roles if node.kwargs.get(r.rstrip("?")) is not None}
     xt = node.kwargs["x"].type
@@ -69,11 +72,22 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
         h0 = b.op("Expand", [b.scalar(0.0, F32), shape])
     body = Nodes("sb")
     h = body.op("Add", [body.op("Mul", ["dec_t", "h_in"]), "inp_t"], out="h_out")
-    body.op("ReduceSum", [body.op("Mul", [h, body.op("Unsqueeze", ["c_t", body.ints(2)])]), body.ints(-1)],
-            out="y_t", keepdims=0)  # fmt: skip
+    body.op(
+        "ReduceSum",
+        [body.op("Mul", [h, body.op("Unsqueeze", ["c_t", body.ints(2)])]), body.ints(-1)],
+        out="y_t",
+        keepdims=0,
+    )
     graph = _body("ssm_step", body, ["h_in", "dec_t", "inp_t", "c_t"], ["h_out", "y_t"])
-    h_n, y = b.op("Scan", [h0, decay, inp, c], n_out=2, body=graph, num_scan_inputs=3,
-                  scan_input_axes=[1, 1, 1], scan_output_axes=[1])  # fmt: skip
+    h_n, y = b.op(
+        "Scan",
+        [h0, decay, inp, c],
+        n_out=2,
+        body=graph,
+        num_scan_inputs=3,
+        scan_input_axes=[1, 1, 1],
+        scan_output_axes=[1],
+    )
     if "D" in got:
         d = b.op("Unsqueeze", [b.op("Cast", [got["D"]], to=F32), b.ints(1)])  # [H, 1]
         y = b.op("Add", [y, b.op("Mul", [x, d])])
@@ -100,9 +114,15 @@ def lstm_projected(node: Node, ins: list[str], outs: list[str], opset: int) -> l
         x = b.op("Transpose", [x], perm=[1, 0, 2])
     batch = b.op("Shape", [x], start=1, end=2)
     if h0 is None:
-        h0 = b.op("Expand", [b.scalar(0.0, dt), b.op("Concat", [b.ints(a.num_layers * a.dirs), batch, b.ints(a.proj_size)], axis=0)])
+        h0 = b.op(
+            "Expand",
+            [b.scalar(0.0, dt), b.op("Concat", [b.ints(a.num_layers * a.dirs), batch, b.ints(a.proj_size)], axis=0)],
+        )
     if c0 is None:
-        c0 = b.op("Expand", [b.scalar(0.0, dt), b.op("Concat", [b.ints(a.num_layers * a.dirs), batch, b.ints(a.hidden_size)], axis=0)])
+        c0 = b.op(
+            "Expand",
+            [b.scalar(0.0, dt), b.op("Concat", [b.ints(a.num_layers * a.dirs), batch, b.ints(a.hidden_size)], axis=0)],
+        )
     per = 2 + 2 * a.bias + 1
     hn, cn = [], []
     for layer in range(a.num_layers):
@@ -117,19 +137,36 @@ def lstm_projected(node: Node, ins: list[str], outs: list[str], opset: int) -> l
             body = Nodes(f"pb{k}_")
             gates = body.op("Add", ["pre_t", body.op("MatMul", ["h_in", body.op("Transpose", [w_hh], perm=[1, 0])])])
             i, f, g, o = body.op("Split", [gates], n_out=4, axis=-1, num_outputs=4)
-            c_new = body.op("Add", [body.op("Mul", [body.op("Sigmoid", [f]), "c_in"]),
-                                    body.op("Mul", [body.op("Sigmoid", [i]), body.op("Tanh", [g])])], out="c_out")  # fmt: skip
+            c_new = body.op(
+                "Add",
+                [
+                    body.op("Mul", [body.op("Sigmoid", [f]), "c_in"]),
+                    body.op("Mul", [body.op("Sigmoid", [i]), body.op("Tanh", [g])]),
+                ],
+                out="c_out",
+            )
             full = body.op("Mul", [body.op("Sigmoid", [o]), body.op("Tanh", [c_new])])
             body.op("MatMul", [full, body.op("Transpose", [w_hr], perm=[1, 0])], out="h_out")
             body.op("Identity", ["h_out"], out="y_t")
             vi = lambda n: helper.make_tensor_value_info(n, dt, None)  # noqa: E731
-            graph = helper.make_graph(body.nodes, f"lstm_proj_{k}", [vi("h_in"), vi("c_in"), vi("pre_t")],
-                                      [vi("h_out"), vi("c_out"), vi("y_t")])  # fmt: skip
+            graph = helper.make_graph(
+                body.nodes,
+                f"lstm_proj_{k}",
+                [vi("h_in"), vi("c_in"), vi("pre_t")],
+                [vi("h_out"), vi("c_out"), vi("y_t")],
+            )
             sl = [b.ints(k), b.ints(k + 1), b.ints(0)]
             hk = b.op("Squeeze", [b.op("Slice", [h0, *sl]), b.ints(0)])
             ck = b.op("Squeeze", [b.op("Slice", [c0, *sl]), b.ints(0)])
-            h_t, c_t, y = b.op("Scan", [hk, ck, pre], n_out=3, body=graph, num_scan_inputs=1,
-                               scan_input_directions=[d], scan_output_directions=[d])  # fmt: skip
+            h_t, c_t, y = b.op(
+                "Scan",
+                [hk, ck, pre],
+                n_out=3,
+                body=graph,
+                num_scan_inputs=1,
+                scan_input_directions=[d],
+                scan_output_directions=[d],
+            )
             ys.append(y)
             hn.append(b.op("Unsqueeze", [h_t, b.ints(0)]))
             cn.append(b.op("Unsqueeze", [c_t, b.ints(0)]))

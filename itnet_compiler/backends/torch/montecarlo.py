@@ -242,12 +242,16 @@ def montecarlo_transform(
             if kernel.causal:
                 valid = idx[..., None, :] <= torch.arange(i0, i1, device=v.device)[:, None]
             y, var, bad = _estimate(kernel, vals, logq, vv, valid, m)
-        if bad is not None and bool(bad.any()):
+        if bad is not None and torch.compiler.is_exporting():  # a graph cannot branch on data: every row checked
+            y = _exact_rows(kernel, v, y, bad, i0, every=True)
+        elif bad is not None and bool(bad.any()):
             fallback += int(bad.sum())
             y = _exact_rows(kernel, v, y, bad, i0)
             var = var.masked_fill(bad, 0.0)
         out[..., i0:i1, :] = y
         var_sum += var.detach().double().sum()  # the error estimate is a report: no autograd graph
+    if torch.compiler.is_exporting():  # an exported graph computes the output only; the estimate is a report
+        return out, None
     return out, estimate_error(var_sum, out, m, fallback, check_rows(kernel, v, out, opts))
 
 
@@ -340,15 +344,21 @@ def _rowdot(w: torch.Tensor, x: torch.Tensor, per_row: bool) -> torch.Tensor:
     return (w * x).sum(-1) if per_row else torch.matmul(w, x[..., None])[..., 0]
 
 
-def _exact_rows(kernel: PairKernel, v: torch.Tensor, y: torch.Tensor, bad: torch.Tensor, i0: int) -> torch.Tensor:
-    """Replace the rows flagged in ``bad`` ([*b, I]) by their exact value."""
-    rows = torch.nonzero(bad.reshape(-1, bad.shape[-1]).any(0)).flatten()
+def _exact_rows(kernel: PairKernel, v: torch.Tensor, y: torch.Tensor, bad: torch.Tensor, i0: int, every=False):
+    """Replace the rows flagged in ``bad`` ([*b, I]) by their exact value (computing ``every`` row of the block when
+    the flagged ones cannot be selected: an exported graph)."""
+    if every:
+        rows = torch.arange(bad.shape[-1], device=v.device)
+    else:
+        rows = torch.nonzero(bad.reshape(-1, bad.shape[-1]).any(0)).flatten()
     logits = kernel.block(rows + i0, slice(None))
     if kernel.causal:
         keep = torch.arange(kernel.cols, device=v.device)[None, :] <= (rows + i0)[:, None]
         logits = logits.masked_fill(~keep, float("-inf"))
     p = torch.softmax(logits, dim=-1).masked_fill(torch.isneginf(logits).all(-1, keepdim=True), 0.0)
     exact = torch.matmul(p, v)  # a row that admits no column at all attends to nothing: 0, as SDPA returns
+    if every:
+        return torch.where(bad[..., None], exact, y)
     y = y.clone()
     sel = y[..., rows, :]
     y[..., rows, :] = torch.where(bad[..., rows, None], exact, sel)
@@ -362,7 +372,8 @@ def attention_montecarlo(q, k, v, mask=None, *, scale, causal, return_weights, l
     opts = MonteCarloOptions.make(layer, **options)
     kernel = DotExpKernel(q, k, mask, scale=scale, causal=causal, layer=layer)
     out, est = montecarlo_transform(kernel, expand_kv(q, v), opts)
-    report_error(layer, est)
+    if est is not None:
+        report_error(layer, est)
     return (out, est) if return_error else out
 
 
