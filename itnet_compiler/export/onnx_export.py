@@ -199,11 +199,11 @@ def torch_to_onnx(module: torch.nn.Module, args: tuple, dyn: tuple, opset: int, 
             prog = torch.onnx.export(
                 ep, custom_translation_table=table, opset_version=opset, dynamo=True, verbose=False, optimize=True
             )
+            return prog.model_proto  # serialising logs about values it could not type: inside quiet()
     except ItnetError:
         raise
     except Exception as e:
         raise ItnetError(f"{what} does not export to ONNX: {_reason(e)}") from None
-    return prog.model_proto
 
 
 def _reason(e: BaseException) -> str:
@@ -252,6 +252,7 @@ def export_onnx(
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
         raise ItnetError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     _register_schemas()
+    _refuse_complex(planned)
     flat = example_inputs(planned, sizes)
     entries: dict[int, _Entry] = {}
     index_of: dict[int, int] = {}
@@ -291,6 +292,19 @@ def export_onnx(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(path))
     return model
+
+
+def _refuse_complex(prog: Program) -> None:
+    """ONNX runtimes compute no complex numbers: a program that does (S4D building its kernel from complex A, B, C
+    over the input's length) is refused in one line naming the first such layer and op."""
+    for node in prog.nodes:
+        for v in node.outputs:
+            if isinstance(v.type, TensorType) and v.type.dtype.is_complex:
+                raise ItnetError(
+                    f"computes complex values ({v.name} = {node.op}), which ONNX has no arithmetic for; export to "
+                    "MLIR or a Triton bundle instead, or rewrite the layer in real arithmetic",
+                    layer=node.layer or None,
+                )
 
 
 def _capture(gm: torch.fx.GraphModule, flat: list[torch.Tensor], entries: dict[int, _Entry]) -> dict[int, list]:
