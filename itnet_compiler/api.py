@@ -49,11 +49,20 @@ def targets() -> dict[str, Target]:
 
 def convert(
     model: torch.nn.Module,
-    args: Sequence[object] | object,
+    args: Sequence[object] | object = (),
     kwargs: Mapping[str, object] | None = None,
     dynamic_shapes: object = None,
 ) -> Program:
-    """Export ``model`` on example inputs and return its integral-transform IR (lowerings still ``auto``)."""
+    """Export ``model`` on example inputs and return its integral-transform IR (lowerings still ``auto``).
+
+    ``model`` may also be an ONNX file (``"model.onnx"``) or ``onnx.ModelProto``: ``args`` then optionally replace
+    the example inputs made from its declared input types (its dim_params become symbols)."""
+    if isinstance(model, (str, Path)) or type(model).__name__ == "ModelProto":
+        from .frontend.onnx_import import import_onnx
+
+        module, example, dyn = import_onnx(model, inputs=tuple(args) if args else None)
+        prog = export_model(module, example, None, dyn if dynamic_shapes is None else dynamic_shapes)
+        return pipeline.run(prog, phases=("recognise",))
     if not isinstance(model, torch.nn.Module):
         raise ItnetError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(args, (tuple, list)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,7 @@ def export_onnx(
         raise ItnetError(f"--opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     _register_schemas()
     _refuse_complex(planned)
+    planned = _avoid_exporter_names(planned)
     flat = example_inputs(planned, sizes)
     entries: dict[int, _Entry] = {}
     index_of: dict[int, int] = {}
@@ -292,6 +294,20 @@ def export_onnx(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(path))
     return model
+
+
+def _avoid_exporter_names(prog: Program) -> Program:
+    """torch's exporter names its own constants val_<n>: weights called so (an imported ONNX model's) are renamed
+    in the exported copy."""
+    clash = [w for w in prog.weights if re.fullmatch(r"val_\d+", w.key)]
+    if not clash:
+        return prog
+    dup = prog.clone()
+    for w in dup.weights:
+        if re.fullmatch(r"val_\d+", w.key):
+            dup.tensors[f"w_{w.key}"] = dup.tensors.pop(w.key)
+            w.key = f"w_{w.key}"
+    return dup
 
 
 def _refuse_complex(prog: Program) -> None:

@@ -59,8 +59,12 @@ def _dim_names(ep: ExportedProgram, dynamic_shapes: object) -> dict[str, str]:
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     if isinstance(dynamic_shapes, Mapping):
         items = list(dynamic_shapes.items())
-    else:
-        items = list(zip(users, dynamic_shapes, strict=False))
+    else:  # positional; a ``*args`` group (one tuple of per-input specs) is flattened
+        flat: list[object] = []
+        for spec in dynamic_shapes:
+            group = isinstance(spec, (tuple, list)) and all(s is None or isinstance(s, Mapping) for s in spec)
+            flat.extend(spec if group and spec else [spec])
+        items = list(zip(users, flat, strict=False))
     out: dict[str, str] = {}
     for name, spec in items:
         node = placeholders.get(name)

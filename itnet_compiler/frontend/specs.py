@@ -30,7 +30,7 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _SYM_ENTRY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:=(\d+))?$")
 _SUGGESTED_DIM = re.compile(r"(\w+) = Dim\('(\w+)'((?:, (?:min|max)=\d+)*)\)")
 DEFAULT_SIZE = 16
-SPEC_FORMS = "path/file.py:factory, package.module:factory or hf:ModelClass"
+SPEC_FORMS = "path/file.py:factory, package.module:factory, hf:ModelClass or model.onnx"
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,15 @@ def read_config(path: str | Path) -> dict:
 def load_source(src: Source) -> Loaded:
     """Build the model of ``src`` (seeded by ``src.seed``) and its example inputs, in eval mode."""
     torch.manual_seed(src.seed)
+    if src.spec.endswith(".onnx"):  # an ONNX file: its graph computed by the importer's op table (no code runs)
+        from .onnx_import import import_onnx
+
+        if src.inputs or src.dynamic:
+            raise ItnetError("an ONNX model declares its inputs and dynamic dims; drop --input and --dynamic")
+        module, args, dyn = import_onnx(src.spec)
+        loaded = Loaded(module, args, {})
+        loaded.dynamic_shapes = dyn
+        return loaded
     if src.spec.startswith("hf:"):
         model, hf_config = _hf_model(src.spec[3:], src.config)
         default = _hf_default_inputs(hf_config, type(model).__name__)
