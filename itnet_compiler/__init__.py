@@ -7,7 +7,7 @@ mod = itc.build(prog, backend="torch", plan={"encoder.*": "fused"})
 
 from .api import build, calibrate, convert, load, lowerings, parse, plan_program, targets, tune
 from .errors import ItnetError, ParseError
-from .export.api import export_mlir, export_onnx
+from .export.api import export_mlir, export_onnx, export_triton
 from .frontend import builtin_converters as _builtin_converters  # noqa: F401  (registers nn.LSTM, nn.GRU, Mamba)
 from .frontend.converters import ConverterContext, register_converter, unregister_converter
 from .ir import FAMILIES, Lowering, LoweringSpec, Node, Program, Target, Value, register_lowering
@@ -33,6 +33,7 @@ __all__ = [
     "convert",
     "export_mlir",
     "export_onnx",
+    "export_triton",
     "load",
     "lowerings",
     "option",

@@ -35,12 +35,12 @@ def cmd_export(ns: argparse.Namespace) -> int:
             f"({len(ops)} op types{kept}), checked with onnx.checker full_check"
         )
     if ns.mlir:
-        from .export.mlir import export_mlir
+        from .export.api import export_mlir
 
         text = export_mlir(prog, ns.mlir, dialect=ns.dialect, plan=plan)
         print(f"wrote {ns.mlir}: {ns.dialect} dialect, {len(text.splitlines())} lines, parsed back by torch-mlir")
     if ns.triton:
-        from .export.triton_bundle import export_triton
+        from .export.api import export_triton
 
         manifest = export_triton(prog, ns.triton, plan=plan, target=ns.target)
         aot = f", compiled for {ns.target}" if ns.target else ""

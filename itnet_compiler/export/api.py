@@ -57,3 +57,20 @@ def export_mlir(prog: Program, path: str | Path | None = None, *, dialect: str =
 
     p, sizes = planned(prog, plan)
     return export_mlir_planned(p, path, dialect, sizes)
+
+
+def export_triton(
+    prog: Program, out_dir: str | Path, *, plan: object = None, target: str | None = None, sizes: dict | None = None
+) -> dict:
+    """A self-contained Triton bundle in ``out_dir`` (kernels, launcher ``itnet_bundle.py``, manifest, weights):
+    ``itnet_bundle.load(out_dir)`` runs it with torch and triton only, at the export's sizes. Needs a GPU or
+    ``TRITON_INTERPRET=1``; ``target="sm_90"`` also compiles the kernels ahead of time; ``sizes`` (symbol -> size)
+    fix the dynamic dims (default: the example's, or a tuned plan's). Returns the manifest."""
+    from ..plan import Plan
+    from .triton_bundle import export_triton_planned
+
+    if isinstance(plan, (str, Path)) and Plan.is_tuned(plan):
+        plan = Plan.load(plan)
+    if isinstance(plan, Plan):
+        plan, sizes = dict(plan.layers), {**plan.sizes, **(sizes or {})}
+    return export_triton_planned(prog, out_dir, plan, sizes, target)
