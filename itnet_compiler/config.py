@@ -37,3 +37,8 @@ def triton_interpret() -> bool:
 def check_types() -> bool:
     """``ITNET_CHECK_TYPES=1``: every forward checks each node's result against its declared IR type (slow; debug)."""
     return os.environ.get("ITNET_CHECK_TYPES", "0") not in ("", "0")
+
+
+def child_env_without(*names: str) -> dict[str, str]:
+    """This process's environment minus ``names`` (a child that must not run Triton's interpreter)."""
+    return {k: v for k, v in os.environ.items() if k not in names}

@@ -8,12 +8,12 @@ its cubin written to ``binaries/`` with the metadata a loader needs. Runs in a c
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from .. import config
 from ..errors import ItnetError
 
 _ARCH = re.compile(r"sm_(\d+)$")
@@ -24,7 +24,7 @@ def compile_bundle(out: Path, manifest: dict, target: str) -> list[dict]:
     if not m:
         raise ItnetError(f"--target {target!r} is not a CUDA architecture like sm_90")
     (out / "manifest.json").write_text(json.dumps(manifest))  # the child reads kernels and launches from disk
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = config.child_env_without("TRITON_INTERPRET")
     cmd = [sys.executable, "-m", "itnet_compiler.export.aot", str(out), m.group(1)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:

@@ -110,5 +110,5 @@ class Bundle(torch.nn.Module):
 
 def load(root):
     """The bundle at ``root`` as an nn.Module (inference: the forward kernels)."""
-    return Bundle(root).eval()
+    return Bundle(root).train(False)
 '''

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from ..ir.core import Node
 from .onnx_nodes import Nodes, onnx_dtype
@@ -82,12 +83,26 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
         s = b.op("Where", [keep, s, ninf])
     p = b.op("Softmax", [s], axis=-1)
     if mask is not None or keep is not None:  # a row with no admitted column is zero (torch's safe softmax), not NaN
-        top = b.op("ReduceMax", [s, b.ints(-1)], keepdims=1)
-        p = b.op("Where", [b.op("Equal", [top, ninf]), b.scalar(0.0, dt), p])
+        admitted = _admitted(b, mask, a.mask, keep)
+        alive = b.op("ReduceMax", [b.op("Cast", [admitted], to=TensorProto.FLOAT), b.ints(-1)], keepdims=1)
+        dead = b.op("Equal", [alive, b.scalar(0.0, TensorProto.FLOAT)])
+        p = b.op("Where", [dead, b.scalar(0.0, dt), p])
     b.op("MatMul", [p, v], out=outs[0])
     if a.return_weights:
         b.op("Identity", [p], out=outs[1])
     return b.nodes
+
+
+def _admitted(b: Nodes, mask: str | None, kind: str, keep: str | None) -> str:
+    """Bool: where the mask and the support admit (i, j) (read from them, not from the scores, so the form stays
+    the Softmax → Where → MatMul chain that importers recognise)."""
+    parts = [keep] if keep is not None else []
+    if mask is not None:
+        parts.append(mask if kind == "bool" else b.op("Not", [b.op("IsInf", [mask], detect_positive=0)]))
+    out = parts[0]
+    for extra in parts[1:]:
+        out = b.op("And", [out, extra])
+    return out
 
 
 def _combine(b: Nodes, mask: str | None, keep: str, kind: str, dt: int) -> str:

@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from ..errors import ItnetError, first_line
-from . import onnx_nn_ops, onnx_ops, onnx_rnn, onnx_shape_ops  # noqa: F401  (the op table)
+from . import onnx_nn_ops, onnx_ops, onnx_patterns, onnx_rnn, onnx_shape_ops  # noqa: F401  (the op table)
 from .onnx_ops import OPS, OnnxNode, Static
 
 TARGET_OPSET = 18
@@ -116,9 +116,16 @@ class OnnxModule(torch.nn.Module):
                 size = int(w_shape[-1]) if w_shape and isinstance(w_shape[-1], int) else None
                 self.add_module(node.module, onnx_rnn.MODULES[n.op_type](node, size))
             self.nodes.append(node)
+        consts = {name: st.arr for name, st in self._static.items()}
+        consts.update(
+            {c.output[0]: numpy_helper.to_array(c.attribute[0].t) for c in g.node
+             if c.op_type == "Constant" and c.attribute and c.attribute[0].name == "value"}
+        )  # fmt: skip
+        self.nodes = onnx_patterns.fuse(self.nodes, set(self.output_names), consts)
 
     def _bind(self, name: str, arr: np.ndarray) -> None:
-        if arr.dtype.kind in "iub" and arr.size <= _STATIC_MAX:
+        small_int = arr.dtype.kind in "iub" and arr.size <= _STATIC_MAX
+        if small_int or (arr.dtype.kind == "f" and arr.size == 1 and arr.dtype.itemsize >= 2):  # scales stay known
             self._static[name] = Static(arr)
             return
         key = _sanitize(name)
@@ -141,6 +148,9 @@ class OnnxModule(torch.nn.Module):
             missing = [x for x in node.inputs if x and x not in env]
             if missing:
                 raise ItnetError(f"node '{node.name}' ({node.op_type}) reads undefined values {missing}")
+            if isinstance(node, onnx_patterns.FusedAttention):
+                env[node.outputs[0]] = onnx_patterns.run_fused(node, env)
+                continue
             if node.op_type not in onnx_ops.STATIC_AWARE:  # shape arithmetic stays Python data; other ops take tensors
                 args = [onnx_ops.as_tensor(a) if isinstance(a, Static) else a for a in args]
             fn = getattr(self, node.module) if node.module else OPS[node.op_type]
@@ -207,7 +217,7 @@ def import_onnx(source: str | Path | onnx.ModelProto, inputs: tuple | None = Non
     (then the declared dims stay static unless ``sizes`` is given)."""
     model = source if isinstance(source, onnx.ModelProto) else load_onnx(source)
     model = normalise(model)
-    module = OnnxModule(model).eval()
+    module = OnnxModule(model).train(False)
     args, dyn = example_inputs(model, sizes)
     if inputs is not None:
         args = tuple(inputs)

@@ -89,7 +89,8 @@ Op = Callable[..., object]
 # Ops whose handlers compute on Static values (shape arithmetic); every other op receives tensors.
 STATIC_AWARE = frozenset(
     "Add Sub Mul Div Mod Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor Pow Neg Abs Not Sign Where Cast "
-    "CastLike Identity Shape Size Reshape Squeeze Unsqueeze Concat Slice Gather Expand Tile ConstantOfShape Range "
+    "CastLike Identity Sqrt Reciprocal Shape Size Reshape Squeeze Unsqueeze Concat Slice Gather Expand Tile "
+    "ConstantOfShape Range "
     "Split Pad TopK Trilu CumSum Clip ReduceSum ReduceMean ReduceMax ReduceMin ReduceProd ReduceL2 ReduceL1 "
     "ReduceSumSquare ReduceLogSumExp".split()
 )
@@ -172,7 +173,14 @@ _UNARY = {
     "Softsign": F.softsign, "Asin": torch.asin, "Acos": torch.acos, "Atan": torch.atan, "Sinh": torch.sinh,
     "Cosh": torch.cosh, "Mish": F.mish,
 }  # fmt: skip
-_STATIC_UNARY = {"Neg": np.negative, "Abs": np.abs, "Not": np.logical_not, "Sign": np.sign}
+_STATIC_UNARY = {
+    "Neg": np.negative,
+    "Abs": np.abs,
+    "Not": np.logical_not,
+    "Sign": np.sign,
+    "Sqrt": np.sqrt,
+    "Reciprocal": np.reciprocal,
+}
 
 
 def _unary(name: str, fn: Callable) -> Op:
@@ -298,6 +306,11 @@ def _cast(n, x, like=None):
     dtype = like.dtype if like is not None else _onnx_dtype(n.attr("to"))
     if isinstance(x, Static) and not dtype.is_floating_point:
         return Static(x.arr.astype(object if x.arr.dtype == object else _NP[dtype]))
+    concrete = isinstance(x, Static) and all(not isinstance(v, torch.SymInt) for v in x.arr.reshape(-1).tolist())
+    if concrete and dtype in (torch.float32, torch.float64, torch.float16):
+        return Static(
+            x.arr.astype({torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}[dtype])
+        )  # a scale from sizes
     return _t(x).to(dtype)
 
 
