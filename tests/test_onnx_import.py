@@ -152,3 +152,19 @@ def test_bad_onnx_input_fails_in_one_line(tmp_path) -> None:
     junk.write_bytes(b"\x00not a protobuf" * 10)
     with pytest.raises(itc.ItnetError, match="not a readable ONNX model"):
         itc.convert(str(junk))
+
+
+def test_scan_imports_as_a_loop_at_a_static_length(tmp_path) -> None:
+    """A Mamba model exported by itnet holds its ssm as an ONNX Scan; imported back at a fixed length it computes
+    the same outputs (the Scan runs as a loop of generic ops: no ssm transform)."""
+    from test_recurrent import CASES as RECURRENT
+
+    case = RECURRENT["mamba"]()
+    args = case.inputs(11)
+    prog = itc.convert(case.model, args, dynamic_shapes=case.dynamic)
+    itc.export_onnx(prog, tmp_path / "m.onnx")
+    assert any(n.op_type == "Scan" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+    again = itc.convert(str(tmp_path / "m.onnx"), args, dynamic_shapes={})
+    got, want = itc.build(again)(*args), pytree.tree_flatten(itc.build(prog)(*args))[0][0]
+    got = got[0] if isinstance(got, tuple) else got
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

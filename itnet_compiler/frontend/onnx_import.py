@@ -168,6 +168,18 @@ class OnnxModule(torch.nn.Module):
         return results[0] if len(results) == 1 else tuple(results)
 
 
+def body_model(node: OnnxNode) -> onnx.ModelProto:
+    """A Scan body as a model of its own; values of the enclosing graph it reads are refused in one line."""
+    body = node.attrs["body"]
+    defined = {i.name for i in body.input} | {i.name for i in body.initializer}
+    defined |= {o for n in body.node for o in n.output}
+    outer = sorted({x for n in body.node for x in n.input if x and x not in defined})
+    if outer:
+        raise ItnetError(f"node '{node.name}' (Scan): its body reads values of the enclosing graph {outer[:3]}, which "
+                         "the importer does not pass in")  # fmt: skip
+    return onnx.helper.make_model(body, opset_imports=[onnx.helper.make_opsetid("", node.opset)])
+
+
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """Value name -> shape (ints, or dim_param strings) from initializers, inputs and inferred value_info."""
     out: dict[str, list] = {i.name: list(i.dims) for i in model.graph.initializer}

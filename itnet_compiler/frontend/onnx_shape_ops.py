@@ -325,3 +325,32 @@ def _gemm(n, a, b, c=None):
 
 def unsupported(n, what: str) -> ItnetError:
     return ItnetError(f"node '{n.name}' ({n.op_type}): {what} is not imported")
+
+
+@op("Scan")
+def _scan(n, *args):
+    """The body once per step (a loop at the example's length: generic ops, exact). Bodies that read values of
+    the enclosing graph are refused."""
+    from .onnx_import import OnnxModule, body_model
+
+    if "_body" not in n.attrs:
+        n.attrs["_body"] = OnnxModule(body_model(n))
+    body = n.attrs["_body"]
+    m = n.attr("num_scan_inputs")
+    states, xs = list(args[: len(args) - m]), [_t(x) for x in args[len(args) - m :]]
+    in_axes = list(n.attr("scan_input_axes") or [0] * m)
+    in_dirs = list(n.attr("scan_input_directions") or [0] * m)
+    steps = xs[0].shape[in_axes[0]]
+    k = len(body.output_names) - len(states)
+    out_axes = list(n.attr("scan_output_axes") or [0] * k)
+    out_dirs = list(n.attr("scan_output_directions") or [0] * k)
+    ys: list[list] = [[] for _ in range(k)]
+    for t in range(steps):
+        sl = [x.select(a, steps - 1 - t if d else t) for x, a, d in zip(xs, in_axes, in_dirs, strict=True)]
+        res = body(*[_t(s) for s in states], *sl)
+        res = list(res) if isinstance(res, tuple) else [res]
+        states = res[: len(states)]
+        for i, y in enumerate(res[len(states) :]):
+            ys[i].append(y)
+    outs = [torch.stack(y[::-1] if d else y, dim=a) for y, a, d in zip(ys, out_axes, out_dirs, strict=True)]
+    return (*states, *outs)
