@@ -9,6 +9,7 @@ in passes.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from collections.abc import Mapping, Sequence
@@ -37,18 +38,48 @@ def export_model(
 ) -> Program:
     """Export ``model`` and import the graph. Errors from torch.export become one ItnetError line."""
     kwargs = dict(kwargs or {})
-    with converters.capturing(model) as captured:
+    with converters.capturing(model) as captured, _no_kv_cache(model):
         try:
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except ItnetError:
             raise
         except Exception as e:  # torch raises many types here; the user needs one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ItnetError(
-                f"torch.export could not trace the model ({type(e).__name__}: {first}); "
-                "register a module converter for the failing block or check the example inputs"
-            ) from e
+            raise ItnetError(f"torch.export could not trace the model ({type(e).__name__}: {_reason(e)})") from e
         return import_exported(ep, _dim_names(ep, dynamic_shapes), captured)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: torch.nn.Module):
+    """A transformers model whose config asks for a KV cache returns a cache object, which no export can hold:
+    convert it with ``config.use_cache = False`` (restored afterwards). The CLI does the same."""
+    cfg = getattr(model, "config", None)
+    on = getattr(cfg, "use_cache", None) is True
+    if on:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if on:
+            cfg.use_cache = True
+
+
+def _reason(e: BaseException) -> str:
+    """torch's first line, the line that says why (guards, specialisations), and its suggested fixes, as one line."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    out = lines[0]
+    why = next((ln for ln in lines[1:] if any(w in ln for w in ("Not all values", "specialized", "guard", "- "))), "")
+    if why and why not in out:
+        out += f" {why[:300]}"
+    _, found, rest = text.partition("Suggested fixes:")
+    if found:
+        fixes = "; ".join(ln.strip() for ln in rest.strip().split("\n\n")[0].splitlines() if ln.strip())
+        out += f"; torch suggests: {fixes[:300]}"
+    else:
+        out += "; register a module converter for the failing block or check the example inputs"
+    return out
 
 
 def _dim_names(ep: ExportedProgram, dynamic_shapes: object) -> dict[str, str]:

@@ -253,6 +253,11 @@ class ItnetModule(torch.nn.Module):
                 continue
             if not isinstance(x, torch.Tensor):
                 raise ItnetError(f"input '{name}' must be a tensor of type {t}, got {type(x).__name__}")
+            if x.dtype != t.dtype and x.dim() == t.rank:
+                want, got = (str(d).removeprefix("torch.") for d in (t.dtype, x.dtype))
+                raise ItnetError(
+                    f"input '{name}' has dtype {got} but the program takes {want} ({t}); pass x.to(torch.{want})"
+                )
             if x.dtype != t.dtype or x.dim() != t.rank or not _dims_ok(x.shape, t.shape, bound, self._ranges):
                 raise ItnetError(
                     f"input '{name}' is {DTYPE_NAMES.get(x.dtype, x.dtype)}{list(x.shape)} but the program expects {t}"

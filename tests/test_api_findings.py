@@ -1,0 +1,46 @@
+"""Findings of a new user's first session (issue 14): transformers decoders with their default config convert
+through the Python API, export failures keep torch's reason and suggested fixes, a wrong dtype says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import itnet_compiler as itc
+
+
+def test_default_config_decoder_converts_through_the_api() -> None:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    assert cfg.use_cache  # the default: the model returns a DynamicCache
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    prog = itc.convert(model, (ids,))
+    assert model.config.use_cache, "the model's config is restored after conversion"
+    assert len([n for n in prog.transforms if n.family == "dot_exp"]) == 2
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    got = itc.build(prog)(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class Fixed(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(2, 8, 4).sum(-1)
+
+
+def test_export_error_keeps_torch_reason_and_suggested_fix() -> None:
+    seq = torch.export.Dim("seq", max=64)
+    with pytest.raises(itc.ItnetError) as err:
+        itc.convert(Fixed(), (torch.randn(2, 32),), dynamic_shapes={"x": {1: seq}})
+    text = str(err.value)
+    assert "\n" not in text
+    assert "torch suggests" in text and "seq" in text, text
+
+
+def test_wrong_dtype_says_dtype() -> None:
+    prog = itc.convert(torch.nn.Linear(4, 3), (torch.randn(2, 4),))
+    with pytest.raises(itc.ItnetError, match=r"dtype float64 but the program takes float32") as err:
+        itc.build(prog)(torch.randn(2, 4, dtype=torch.float64))
+    assert "shape" not in str(err.value)
