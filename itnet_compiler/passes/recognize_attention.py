@@ -136,8 +136,10 @@ def _sdpa(m: Match) -> Rewrite | None:
         k, v = _strip_repeat_kv(m, k), _strip_repeat_kv(m, v)
         qt, kt, vt = _tt(q), _tt(k), _tt(v)
         heads, kv_heads = _static_dim(qt.shape[1]), _static_dim(kt.shape[1])
-        if heads != kv_heads and not a.get("enable_gqa") and k is a["key"] and v is a["value"]:
-            return None  # SDPA without enable_gqa broadcasts nothing: the shapes would not have run
+        v_heads = _static_dim(vt.shape[1])
+        broadcast = kv_heads == 1 and v_heads == 1  # SDPA broadcasts a key/value head dim of 1: multi-query
+        if heads != kv_heads and not a.get("enable_gqa") and k is a["key"] and v is a["value"] and not broadcast:
+            return None  # SDPA without enable_gqa broadcasts nothing else: the shapes would not have run
     spec = _Spec(scale=float(scale), mask=mask, causal=bool(a.get("is_causal")))
     return _emit(m, q, k, v, spec, pre, weights=None, three=three)
 
