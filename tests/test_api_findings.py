@@ -44,3 +44,24 @@ def test_wrong_dtype_says_dtype() -> None:
     with pytest.raises(itc.ItnetError, match=r"dtype float64 but the program takes float32") as err:
         itc.build(prog)(torch.randn(2, 4, dtype=torch.float64))
     assert "shape" not in str(err.value)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_dynamic_length_decoder_mask_folds_into_a_causal_support(impl) -> None:
+    """The causal mask a decoder builds over a symbolic length (sizes only, no input data) is a support, so
+    kernels skip the upper triangle and no N² mask is kept."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2, use_cache=False,
+                                  attn_implementation=impl)  # fmt: skip
+    model = transformers.GPT2Model(cfg).eval()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    prog = itc.convert(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes={"input_ids": {1: seq}})
+    attn = [n for n in prog.transforms if n.family == "dot_exp"]
+    assert len(attn) == 2 and all(n.attrs.support == "causal" and n.attrs.mask == "none" for n in attn)
+    assert 'support="causal"' in str(prog) or "support=causal" in str(prog)
+    built = itc.build(prog)
+    for length in (8, 21):
+        ids = torch.randint(0, 64, (2, length))
+        with torch.no_grad():
+            want = model(ids).last_hidden_state
+        assert (built(ids).last_hidden_state - want).abs().max() <= 1e-5 * want.abs().max()

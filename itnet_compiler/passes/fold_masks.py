@@ -7,7 +7,9 @@ the same for every batch entry and head, the mask input is dropped and the suppo
 ``window(r)``). Kernels then skip what the support rules out without reading a mask, and the cost model counts the
 real work. Everything else is left as it is: masks that read program inputs, parameters or buffers (padding masks;
 a buffer can be replaced by ``load_state_dict``), masks that anything writes into in place (through a view or
-directly), symbolic sizes, ops with random or uninitialised results, other patterns, and masks too large to evaluate.
+directly), ops with random or uninitialised results, other patterns, and masks too large to evaluate. A mask over
+symbolic lengths that reads sizes only (a dynamic-length decoder's causal mask) is evaluated at three lengths in the
+symbols' ranges and folded when all three give the same support.
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ def fold_masks(prog: Program) -> Program:
         mask = node.kwargs.get("mask")
         if not isinstance(attrs, DotExpAttrs) or not isinstance(mask, Value):
             continue
-        if mask not in values:
-            values[mask] = _evaluate(prog, mask, producers, weights)
-        value = values[mask]
-        support = _support(node, attrs, value) if value is not None else None
+        if not free_symbols(tensor_type(mask)) and not _symbolic_lengths(node):
+            if mask not in values:
+                values[mask] = _evaluate(prog, mask, producers, weights)
+            value = values[mask]
+            support = _support(node, attrs, value) if value is not None else None
+        else:
+            support = _symbolic_support(prog, node, attrs, mask, producers, weights)
         if support is None:
             continue
         node.kwargs = {k: v for k, v in node.kwargs.items() if k != "mask"}
@@ -50,8 +55,33 @@ def _static(v: Value) -> bool:
     return isinstance(v.type, TensorType) and not free_symbols(v.type)
 
 
-def _evaluate(prog: Program, target: Value, producers: dict[Value, Node], weights: dict) -> torch.Tensor | None:
-    """The value of ``target`` if it depends on constants only, at static sizes; else None."""
+def _symbolic_lengths(node: Node) -> bool:
+    return any(not d.is_Integer for r in ("q", "k") for d in tensor_type(node.kwargs[r]).shape[2:3])
+
+
+def _symbolic_support(prog, node, attrs, mask, producers, weights) -> str | None:
+    """A mask over symbolic lengths built from sizes alone (``sym_size`` of inputs, aranges, comparisons: a
+    decoder's causal mask): evaluated at several lengths in the symbols' ranges; folded when every one gives the
+    same support."""
+    syms = sorted({s for r in ("q", "k", "mask") for s in free_symbols(tensor_type(node.kwargs[r]))}, key=str)
+    found = set()
+    for trial in (3, 7, 12):
+        sizes = {}
+        for sym in syms:
+            lo, hi = prog.symbols.get(sym.name, [2, None])
+            sizes[sym] = max(int(lo or 2), min(trial, int(hi) if hi is not None else trial))
+        value = _evaluate(prog, mask, producers, weights, sizes)
+        if value is None:
+            return None
+        found.add(_support(node, attrs, value, sizes))
+    return found.pop() if len(found) == 1 else None
+
+
+def _evaluate(
+    prog: Program, target: Value, producers: dict[Value, Node], weights: dict, sizes: dict | None = None
+) -> torch.Tensor | None:
+    """The value of ``target`` if it depends on constants only (and, with ``sizes``, on the sizes of inputs: each
+    ``sym_size`` reads its symbol's trial size), at those sizes; else None."""
     needed: list[Node] = []
     seen: set[Value] = set()
     stack = [target]
@@ -65,13 +95,17 @@ def _evaluate(prog: Program, target: Value, producers: dict[Value, Node], weight
                 return None  # parameters and buffers belong to the state dict: they may be loaded anew
             continue
         node = producers.get(v)
-        if node is None or node.is_transform or not _static(v):
+        if sizes is not None and node is not None and node.op == "aten.sym_size.int":
+            needed.append(node)
+            continue  # a size: its trial value, never the input's data
+        if node is None or node.is_transform or (sizes is None and not _static(v)):
             return None  # a program input, a transform's result, or a symbolic size
         if any(tag in node.op for tag in _NONDETERMINISTIC):
             return None
         needed.append(node)
         stack.extend(node.input_values())
-    if int(numel(tensor_type(target))) > _MAX_PAIRS or _written(prog, seen):
+    total = numel(tensor_type(target)).subs(sizes or {})
+    if not total.is_Integer or int(total) > _MAX_PAIRS or _written(prog, seen):
         return None
     order = {n: i for i, n in enumerate(prog.nodes)}
     # CPU copies: evaluation never touches the program's own tensors, wherever they live
@@ -89,6 +123,12 @@ def _evaluate(prog: Program, target: Value, producers: dict[Value, Node], weight
 
     try:
         for node in sorted(set(needed), key=lambda n: order[n]):
+            if node.op == "aten.sym_size.int":
+                expr = node.outputs[0].type.expr
+                if expr is None or not expr.subs(sizes).is_Integer:
+                    return None
+                env[node.outputs[0]] = int(expr.subs(sizes))
+                continue
             out = resolve_op(node.op)(*[arg(a) for a in node.args], **{k: arg(a) for k, a in node.kwargs.items()})
             outs = list(out) if returns_list(node.op) or len(node.outputs) > 1 else [out]  # type: ignore[arg-type]
             for v, o in zip(node.outputs, outs, strict=True):
@@ -131,9 +171,9 @@ def _dropped(mask: torch.Tensor) -> torch.Tensor:
     return (mask <= _DROPPED) | (mask == torch.finfo(mask.dtype).min)
 
 
-def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor) -> str | None:
+def _support(node: Node, attrs: DotExpAttrs, mask: torch.Tensor, at: dict | None = None) -> str | None:
     """The support equal to (mask and the layer's support), if it is full, causal or a window; else None."""
-    sizes = (tensor_type(node.kwargs["q"]).shape[2], tensor_type(node.kwargs["k"]).shape[2])
+    sizes = tuple(tensor_type(node.kwargs[r]).shape[2].subs(at or {}) for r in ("q", "k"))
     if not all(d.is_Integer for d in sizes):
         return None  # a constant mask broadcast over a symbolic length
     lq, lk = (int(d) for d in sizes)
