@@ -460,6 +460,13 @@ def _guarded(fn: Callable[[], object], what: str) -> object:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def add_plan_args(p: argparse.ArgumentParser, plan_help: str, example: str) -> None:
+    """``--plan`` and ``--lowering``, read by ``_plan``."""
+    p.add_argument("--plan", help=plan_help)
+    p.add_argument("--lowering", action="append", default=[], metavar="GLOB=SPEC",
+                   help=f"lowering for matching layers, e.g. '{example}' (before --plan entries)")  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="itnet", description="Convert, inspect and run PyTorch models as integral-transform IR.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -506,14 +513,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let --check rebuild the source model the bundle records (runs its code: only for bundles you made)",
     )
-    p.add_argument("--plan", help="JSON plan: layer glob -> lowering spec")
-    p.add_argument(
-        "--lowering",
-        action="append",
-        default=[],
-        metavar="GLOB=SPEC",
-        help="lowering for matching layers, e.g. 'encoder.*=fused' (before --plan entries)",
-    )
+    add_plan_args(p, "JSON plan: layer glob -> lowering spec", "encoder.*=fused")
     p.add_argument(
         "--input",
         action="append",

@@ -70,12 +70,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--triton", metavar="DIR", help="self-contained Triton bundle to write (needs torch and triton only)"
     )
     p.add_argument("--target", metavar="ARCH", help="with --triton: also compile the kernels ahead of time, e.g. sm_90")
-    p.add_argument("--plan", help="JSON plan (layer glob -> lowering spec) or a tuned plan")
-    p.add_argument(
-        "--lowering",
-        action="append",
-        default=[],
-        metavar="GLOB=SPEC",
-        help="lowering for matching layers, e.g. '*.attn=lowrank' (before --plan entries)",
-    )
+    cli.add_plan_args(p, "JSON plan (layer glob -> lowering spec) or a tuned plan", "*.attn=lowrank")
     p.set_defaults(func=cmd_export)

@@ -147,3 +147,28 @@ def test_cli_export_writes_each_format(tmp_path, capsys) -> None:
     assert "say what to write" in capsys.readouterr().err
     assert main(["export", str(bundle), "--onnx", str(tmp_path / "x.onnx"), "--opset", "9"]) != 0
     assert "opset 9" in capsys.readouterr().err
+
+
+def test_bundle_launcher_refuses_kernel_files_that_run_host_code(tmp_path) -> None:
+    from itnet_compiler.export.launcher_source import LAUNCHER
+
+    (tmp_path / "itnet_bundle.py").write_text(LAUNCHER)
+    from itnet_compiler.export.triton_bundle import load_launcher
+
+    launcher = load_launcher(tmp_path)
+    good = tmp_path / "good.py"
+    good.write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef k(X, N: tl.constexpr):\n"
+                    "    tl.store(X + tl.arange(0, N), tl.zeros([N], tl.float32))\n")  # fmt: skip
+    launcher._check_kernel_source(good)
+    hostile = {
+        "import os\n": "imports",
+        "import triton\nprint('hi')\n": "runs code",
+        "import triton\n\n@triton.jit\ndef k(X):\n    __import__('os').system('true')\n": "__import__",
+        "import triton\n\ndef k(X):\n    pass\n": "not a @triton.jit",
+        "import triton\n\n@triton.jit\ndef k(X):\n    x = X.__class__\n": "__class__",
+    }
+    for i, (text, why) in enumerate(hostile.items()):
+        bad = tmp_path / f"bad{i}.py"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=why):
+            launcher._check_kernel_source(bad)

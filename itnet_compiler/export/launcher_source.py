@@ -4,7 +4,8 @@
 (``aten.name.overload``, resolved in ``torch.ops.aten``; nothing else is callable), transform nodes replay their
 recorded kernel launches (kernel files from ``kernels/``, grids, scalar arguments and constexprs from the manifest)
 between the ATen ops their Triton wrapper ran (recorded in order). Weights are raw little-endian bytes
-(``weights.bin``) read with ``torch.frombuffer``; nothing is unpickled. Sizes are those of the export (the
+(``weights.bin``) read with ``torch.frombuffer``; nothing is unpickled. Kernel files are checked before they are
+imported (triton imports and @triton.jit functions only). Sizes are those of the export (the
 manifest's ``inputs``).
 """
 
@@ -17,6 +18,7 @@ LAUNCHER = r'''"""Launcher of an itnet Triton bundle (generated; needs torch and
 Set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU.
 """
 
+import ast
 import importlib.util
 import json
 from pathlib import Path
@@ -27,10 +29,39 @@ _DTYPES = {n: getattr(torch, n) for n in ("float32", "float64", "float16", "bflo
                                           "int8", "uint8", "bool", "complex64")}
 
 
+_DENIED = {"__import__", "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "globals", "locals",
+           "vars", "input", "breakpoint", "os", "sys", "subprocess", "importlib", "builtins"}
+
+
+def _check_kernel_source(path):
+    """A kernel file may hold imports of triton (and math), @triton.jit functions and constants, nothing else; names
+    that reach the interpreter's host (os, eval, dunders, ...) are refused before the file is imported."""
+    tree = ast.parse(path.read_text(), str(path))
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in stmt.names] if isinstance(stmt, ast.Import) else [stmt.module or ""]
+            if not all(m == "math" or m == "__future__" or m.split(".")[0] == "triton" for m in mods):
+                raise ValueError(f"{path.name}: imports {mods}; a kernel file imports triton only")
+        elif isinstance(stmt, ast.FunctionDef):
+            if not stmt.decorator_list or not all("jit" in ast.unparse(d) for d in stmt.decorator_list):
+                raise ValueError(f"{path.name}: {stmt.name} is not a @triton.jit function")
+        elif not isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.Expr)):
+            raise ValueError(f"{path.name}: top-level {type(stmt).__name__} is not allowed in a kernel file")
+        elif isinstance(stmt, ast.Expr) and not isinstance(stmt.value, ast.Constant):
+            raise ValueError(f"{path.name}: a top-level expression runs code on import")
+    for node in ast.walk(tree):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+        if name is not None and (name in _DENIED or (name.startswith("__") and name != "__future__")):
+            raise ValueError(f"{path.name}: uses {name}, which a kernel never needs")
+
+
 def _kernel(root, entry, cache):
     key = (entry["file"], entry["name"])
     if key not in cache:
         path = root / "kernels" / entry["file"]
+        if path.parent != root / "kernels" or not path.is_file():
+            raise ValueError(f"kernel file {entry['file']!r} is not a file of the bundle's kernels/")
+        _check_kernel_source(path)
         spec = importlib.util.spec_from_file_location(f"itnet_bundle_kernels.{path.stem}", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -58,9 +89,12 @@ def _literal(a, env, dev):
 
 def _aten(name):
     ns, op, overload = name.split(".")
-    if ns != "aten":
+    if ns != "aten" or not op.isidentifier() or op.startswith("_debug") or op in ("save", "load", "print"):
+        raise ValueError(f"{name} is not an ATen op a bundle may run")
+    fn = getattr(getattr(torch.ops.aten, op), overload)
+    if not isinstance(fn, torch._ops.OpOverload):
         raise ValueError(f"{name} is not an ATen op")
-    return getattr(getattr(torch.ops.aten, op), overload)
+    return fn
 
 
 class Bundle(torch.nn.Module):

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from ..errors import ItnetError, first_line
 from ..ir.core import Program, Value
+from ..ir.ops import resolve_op, returns_list
 from .launcher_source import LAUNCHER
 
 
@@ -115,7 +116,7 @@ def _launches(trace: _Trace):
             cls.run = orig
 
 
-def _encode(a: object, env_name: dict[int, str] | None = None) -> object:
+def _encode(a: object) -> object:
     if a is None or isinstance(a, (bool, int, str)):
         return a
     if isinstance(a, float):
@@ -169,10 +170,7 @@ def export_triton_planned(prog: Program, out_dir: str | Path, plan: object, size
     from .onnx_export import example_inputs
 
     out = Path(out_dir)
-    try:
-        module = build(prog, backend="triton", plan=plan)
-    except ItnetError:
-        raise
+    module = build(prog, backend="triton", plan=plan)
     if module.fallbacks:
         layer, why = next(iter(module.fallbacks.items()))
         raise ItnetError(f"runs on torch in the Triton backend ({why}); a bundle holds Triton kernels only: plan a "
@@ -216,7 +214,6 @@ def _record(module, prog: Program, flat: list[torch.Tensor], rec: _Recorder) -> 
     with torch.no_grad(), module.runtime:
         for node in prog.nodes:
             if not node.is_transform:
-                from ..ir.ops import resolve_op, returns_list
 
                 def val(a):
                     return env[a.name] if isinstance(a, Value) else [val(x) for x in a] if isinstance(a, list) else a

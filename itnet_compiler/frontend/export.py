@@ -26,6 +26,7 @@ from ..ir.core import Node, Program, Value, Weight
 from ..ir.ops import op_name
 from ..ir.types import ScalarType, TensorType, Type, canonical_expr, make_symbol, sym
 from . import converters
+from .specs import suggested_fixes
 
 _LITERALS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
@@ -73,9 +74,8 @@ def _reason(e: BaseException) -> str:
     why = next((ln for ln in lines[1:] if any(w in ln for w in ("Not all values", "specialized", "guard", "- "))), "")
     if why and why not in out:
         out += f" {why[:300]}"
-    _, found, rest = text.partition("Suggested fixes:")
-    if found:
-        fixes = "; ".join(ln.strip() for ln in rest.strip().split("\n\n")[0].splitlines() if ln.strip())
+    fixes = suggested_fixes(e)
+    if fixes:
         out += f"; torch suggests: {fixes[:300]}"
     else:
         out += "; register a module converter for the failing block or check the example inputs"

@@ -47,12 +47,15 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _geometry(n, x, w) -> tuple[int, list[int], list[int], list[int]]:
+    """Spatial rank, kernel size, strides and dilations of a Conv / ConvTranspose node."""
+    dims = x.dim() - 2
+    return dims, list(w.shape[2:]), list(n.attr("strides", [1] * dims)), list(n.attr("dilations", [1] * dims))
+
+
 @op("Conv")
 def _conv(n, x, w, b=None):
-    dims = x.dim() - 2
-    kernel = list(w.shape[2:])
-    strides = list(n.attr("strides", [1] * dims))
-    dil = list(n.attr("dilations", [1] * dims))
+    dims, kernel, strides, dil = _geometry(n, x, w)
     pads = _pads(n, x, kernel, strides, dil)
     half = len(pads) // 2
     if pads[:half] == pads[half:]:
@@ -63,10 +66,7 @@ def _conv(n, x, w, b=None):
 
 @op("ConvTranspose")
 def _convt(n, x, w, b=None):
-    dims = x.dim() - 2
-    kernel = list(w.shape[2:])
-    strides = list(n.attr("strides", [1] * dims))
-    dil = list(n.attr("dilations", [1] * dims))
+    dims, kernel, strides, dil = _geometry(n, x, w)
     out_pad = list(n.attr("output_padding", [0] * dims))
     group = n.attr("group", 1)
     full = [
