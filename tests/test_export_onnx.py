@@ -128,7 +128,8 @@ def test_recurrent_models_export_at_two_lengths(name, keep, zoo) -> None:
     ops = {n.op_type for n in model.graph.node} | {n.op_type for f in model.functions for n in f.node}
     families = {n.family for n in prog.transforms}
     if "gated" in families:
-        cell = {"lstm": "LSTM", "gru": "GRU"}[next(n.attrs.cell for n in prog.transforms if n.family == "gated")]
+        cells = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
+        cell = cells[next(n.attrs.cell for n in prog.transforms if n.family == "gated")]
         assert cell in ops or "Scan" in ops  # a projected LSTM is a Scan (ONNX's LSTM has no projection)
     if "ssm" in families:
         assert "Scan" in ops

@@ -1,6 +1,6 @@
 """ONNX models as input: ONNX's own operator cases (shipped in the onnx wheel, with expected outputs computed by
-onnx's reference) import and match on the torch backend, with every Conv / ConvTranspose / LSTM / Attention node a
-transform; models exported by itnet round-trip (torch → ONNX → itnet → ONNX) with the same transforms and outputs;
+onnx's reference) import and match on the torch backend, with every Conv / ConvTranspose / LSTM / RNN / Attention node
+a transform; models exported by itnet round-trip (torch → ONNX → itnet → ONNX) with the same transforms and outputs;
 bad files fail in one line."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ with warnings.catch_warnings():
 
     CASES = {t.name: t for t in collect_testcases(None)}
 
-_FAMILY = {"Conv": "stationary", "ConvTranspose": "stationary", "LSTM": "gated", "GRU": "gated", "Attention": "dot_exp"}
+_FAMILY = {"Conv": "stationary", "ConvTranspose": "stationary", "LSTM": "gated", "GRU": "gated", "RNN": "gated"}
+_FAMILY["Attention"] = "dot_exp"
 
 
 def _ops(case) -> set[str]:
@@ -37,6 +38,7 @@ def _names(op_types: tuple[str, ...], skip: tuple[str, ...] = ()) -> list[str]:
 
 CONV = _names(("Conv", "ConvTranspose"))
 LSTM = _names(("LSTM",), skip=("peephole",))
+RNN = _names(("RNN",))  # every case uses Tanh (ONNX's default): torch's rnn_tanh cell
 # Attention with SDPA's semantics (no softcap, no QK output, no window / nonpad cache) is captured, as the
 # Attention node and as its ``_expanded`` form (MatMul / Softmax written out, the scale split over q and k).
 ATTENTION = [
@@ -75,7 +77,7 @@ def test_operator_cases_match_their_expected_outputs(name) -> None:
     _close(case, got, expected)
 
 
-@pytest.mark.parametrize("name", CONV + LSTM + ATTENTION)
+@pytest.mark.parametrize("name", CONV + LSTM + RNN + ATTENTION)
 def test_operator_nodes_become_transforms(name) -> None:
     case, prog, _, _ = _run(name)
     want = sorted(_FAMILY[n.op_type] for n in case.model.graph.node if n.op_type in _FAMILY)
@@ -86,8 +88,44 @@ def test_operator_nodes_become_transforms(name) -> None:
 
 
 def test_the_captured_sets_are_not_empty() -> None:
-    assert len(CONV) >= 25 and len(LSTM) >= 5 and len(ATTENTION) >= 80
+    assert len(CONV) >= 25 and len(LSTM) >= 5 and len(RNN) >= 6 and len(ATTENTION) >= 80
     assert sum(n.endswith("_expanded") for n in ATTENTION) >= 40
+
+
+def _rnn_model(direction: str, activations: list[str]) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    d = 2 if direction == "bidirectional" else 1
+    arrays = {"W": rng.standard_normal((d, 5, 3)), "R": 0.3 * rng.standard_normal((d, 5, 5))}
+    arrays["B"] = rng.standard_normal((d, 10))
+    inits = [onnx.numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()]
+    node = helper.make_node("RNN", ["X", "W", "R", "B"], ["Y", "Yh"], hidden_size=5, direction=direction,
+                            activations=activations)  # fmt: skip
+    x = helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [4, 2, 3])
+    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("Y", "Yh")]
+    graph = helper.make_graph([node], "g", [x], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+@pytest.mark.parametrize(
+    ("direction", "activations", "cell"),
+    [("forward", ["Relu"], "rnn_relu"), ("reverse", ["Tanh"], "rnn_tanh"),
+     ("bidirectional", ["Relu", "Relu"], "rnn_relu"), ("bidirectional", ["Relu", "Tanh"], None),
+     ("forward", ["Sigmoid"], None)],
+)  # fmt: skip
+def test_onnx_rnn_imports_as_a_gated_rnn_where_torch_computes_it(direction, activations, cell) -> None:
+    """One activation for every direction, Tanh or Relu, is torch's cell (onnxruntime the reference); mixed or other
+    activations run unrolled. Batch-first layout is ONNX's own case test_simple_rnn_batchwise (onnxruntime has no
+    layout=1 RNN)."""
+    import onnxruntime as ort
+
+    model = _rnn_model(direction, activations)
+    x = np.random.default_rng(1).standard_normal((4, 2, 3)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})
+    prog = itc.convert(model, (torch.from_numpy(x),))
+    assert [n.attrs.cell for n in prog.transforms] == ([cell] if cell else [])
+    got = itc.build(prog)(torch.from_numpy(x))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.detach().numpy(), w, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ round trip

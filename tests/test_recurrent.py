@@ -1,10 +1,11 @@
 """Recurrences and state-space models as integral transforms.
 
-nn.LSTM / nn.GRU become one ``gated`` node each; HF MambaModel and Mamba2Model one ``stationary`` (causal depthwise
-conv) and one ``ssm`` node per mixer; the paper's S4D one ``stationary`` node with a generated kernel (and, as a second
-capture, its recurrence as a time-invariant ``ssm``). Each case is converted once with a dynamic length and run at two
-lengths under every torch lowering of its family, against the eager model: torch's own RNN kernels, HF's CPU path and
-the paper's FFT code are the independent references. The ssm lowerings are also checked against a float64 loop here.
+nn.LSTM / nn.GRU / nn.RNN become one ``gated`` node each; HF MambaModel and Mamba2Model one ``stationary`` (causal
+depthwise conv) and one ``ssm`` node per mixer; the paper's S4D one ``stationary`` node with a generated kernel (and,
+as a second capture, its recurrence as a time-invariant ``ssm``). Each case is converted once with a dynamic length and
+run at two lengths under every torch lowering of its family, against the eager model: torch's own RNN kernels, HF's CPU
+path and the paper's FFT code are the independent references. The ssm lowerings are also checked against a float64
+loop here.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def rnn_case(name: str, cls: type[nn.RNNBase], init: bool, unbatched: bool = Fal
         if not init:
             return (x,)
         h0 = torch.randn(rnn.num_layers * dirs, *batch, hout, generator=g)
-        if cls is nn.GRU:
+        if cls is not nn.LSTM:
             return x, h0
         return x, (h0, torch.randn(rnn.num_layers * dirs, *batch, 16, generator=g))
 
@@ -156,6 +157,11 @@ CASES: dict[str, Callable[[], Case]] = {
     "lstm-nobias-unbatched": lambda: rnn_case("lstm-nobias-unbatched", nn.LSTM, init=True, unbatched=True, bias=False),
     "gru": lambda: rnn_case("gru", nn.GRU, init=False, batch_first=True),
     "gru-bi-2layer-init": lambda: rnn_case("gru-bi-2layer-init", nn.GRU, init=True, num_layers=2, bidirectional=True),
+    "rnn-tanh": lambda: rnn_case("rnn-tanh", nn.RNN, init=False),
+    "rnn-relu-bi-2layer-init": lambda: rnn_case(
+        "rnn-relu-bi-2layer-init", nn.RNN, init=True, nonlinearity="relu", num_layers=2, bidirectional=True
+    ),
+    "rnn-nobias-unbatched": lambda: rnn_case("rnn-nobias-unbatched", nn.RNN, init=True, unbatched=True, bias=False),
     "mamba": lambda: mamba_case(1),
     "mamba2": lambda: mamba_case(2),
     "s4d": lambda: s4d_case("stationary"),
@@ -424,3 +430,72 @@ def test_torch_scan_lowering_trains_like_the_dense_one():
     torch.testing.assert_close(ya, yb)
     for ga, gb in zip(torch.autograd.grad(ya.sum(), a), torch.autograd.grad(yb.sum(), b), strict=True):
         torch.testing.assert_close(ga, gb)
+
+
+# ---------------------------------------------------------------------------------------------------------- nn.RNN
+
+RNN_GRID = [
+    # nonlinearity, layers, bidirectional, batch_first, bias, initial state, unbatched
+    ("tanh", 1, False, False, True, False, False),
+    ("relu", 2, True, True, True, True, False),
+    ("tanh", 2, False, True, False, True, False),
+    ("relu", 1, True, False, False, False, True),
+]
+
+
+@pytest.mark.parametrize("lowering", GATED)
+@pytest.mark.parametrize("config", RNN_GRID, ids=lambda c: "-".join(str(v) for v in c))
+def test_nn_rnn_forward_and_backward_match_eager_at_two_lengths(config, lowering: str) -> None:
+    act, layers, bidir, batch_first, bias, init, unbatched = config
+    torch.manual_seed(0)
+    rnn = nn.RNN(5, 7, num_layers=layers, nonlinearity=act, bias=bias, batch_first=batch_first, bidirectional=bidir)
+    model = RNNNet(rnn).eval()
+    axis = 1 if batch_first and not unbatched else 0
+    batch = () if unbatched else (3,)
+
+    def inputs(n: int) -> tuple[torch.Tensor, ...]:
+        x = torch.randn(*((3, n) if axis else (n, *batch)), 5)
+        return (x, torch.randn(layers * (1 + bidir), *batch, 7)) if init else (x,)
+
+    dynamic = {"x": {axis: _seq()}, **({"hx": None} if init else {})}
+    prog = itc.convert(model, inputs(6), dynamic_shapes=dynamic)
+    (t,) = prog.transforms
+    assert (t.family, t.attrs.cell) == ("gated", f"rnn_{act}") and list(prog.symbols) == ["L"]
+    mod = itc.build(prog, plan={"*": lowering})
+    params = dict(mod.gm.named_parameters())
+    for n in LENGTHS:
+        args = [a.requires_grad_() for a in inputs(n)]
+        out, ref = leaves(mod(*args)), leaves(model(*args))
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+        cots = [torch.randn_like(r) for r in ref]
+        names = [k for k, _ in model.named_parameters()]
+        loss = sum((o * c).sum() for o, c in zip(out, cots, strict=True))
+        got = torch.autograd.grad(loss, [*args, *map(params.get, names)])
+        loss = sum((r * c).sum() for r, c in zip(ref, cots, strict=True))
+        want = torch.autograd.grad(loss, [*args, *model.parameters()])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_converts_an_nn_rnn_to_a_gated_node(tmp_path, capsys) -> None:
+    from itnet_compiler.cli import main
+
+    (tmp_path / "rnn_model.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.rnn = torch.nn.RNN(4, 6, num_layers=2, nonlinearity='relu', batch_first=True)\n"
+        "    def forward(self, x):\n"
+        "        return self.rnn(x)[0]\n"
+        "def make():\n"
+        "    return M().eval(), (torch.randn(2, 9, 4),)\n"
+    )
+    bundle = tmp_path / "rnn.itir"
+    assert main(["convert", f"{tmp_path / 'rnn_model.py'}:make", "-o", str(bundle), "--dynamic", "x:1=L:2:64"]) == 0
+    assert "transforms: 1 (1 gated)" in capsys.readouterr().out
+    assert main(["inspect", str(bundle)]) == 0
+    assert "rnn_relu 2 layers × 1 dir" in capsys.readouterr().out
+    (node,) = itc.load(bundle).transforms
+    assert 'cell="rnn_relu"' in str(itc.load(bundle)) and node.layer == "rnn"

@@ -1,6 +1,6 @@
-"""The gated scans on the Triton backend (through the interpreter on the CPU): LSTMs with projections and the
-resident/streamed weight paths against nn.LSTM/nn.GRU in float64, the supported check, and a real model that runs and
-trains with no fallback."""
+"""The gated scans on the Triton backend (through the interpreter on the CPU): LSTMs with projections, Elman RNNs and
+the resident/streamed weight paths against nn.LSTM/nn.GRU/nn.RNN in float64, the supported check, and real models
+that run and train with no fallback."""
 
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _compare(cell, layers, bidir, batch_first, bias, b, t, i, h, proj, init, dtype, tol, unbatched=False):
     """Outputs and the gradients of every input (x, each weight, h0, c0) against the module in float64."""
     torch.manual_seed(0)
-    cls = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(cell, torch.nn.RNN)
     extra = {"proj_size": proj} if proj else {}
+    if cls is torch.nn.RNN:
+        extra["nonlinearity"] = cell.removeprefix("rnn_")
     rnn = cls(i, h, num_layers=layers, bidirectional=bidir, batch_first=batch_first, bias=bias, **extra).double()
     shape = (t, i) if unbatched else ((b, t, i) if batch_first else (t, b, i))
     x = torch.randn(*shape, dtype=torch.float64)
@@ -175,3 +177,63 @@ def test_a_float64_lstm_falls_back_with_one_warning_and_the_right_answer():
     assert len([w for w in rec if "torch backend" in str(w.message)]) == 1
     assert list(mod.fallbacks.values()) == ["dtype torch.float64 (the gated scans take float32, float16 and bfloat16)"]
     assert _rel(out[0], model(x)[0]) <= 1e-12
+
+
+RNN_CASES = [
+    # layers, bidirectional, batch_first, bias, batch, length, input, hidden, initial state
+    (2, True, True, True, 3, 4, 5, 20, True),
+    (1, False, False, False, 17, 5, 4, 12, False),  # two batch blocks of 16, the second one partial
+]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", RNN_CASES, ids=lambda v: f"L{v[0]}-bi{int(v[1])}-B{v[4]}-H{v[7]}")
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu"])
+def test_rnn_scan_matches_nn_rnn(cell, case, path, monkeypatch):
+    for knob, value in PATHS[path].items():
+        monkeypatch.setattr(tri_gated, knob, value)
+    layers, bidir, batch_first, bias, b, t, i, h, init = case
+    _compare(cell, layers, bidir, batch_first, bias, b, t, i, h, 0, init, dtype=torch.float32, tol=1e-5)
+
+
+def test_rnn_scan_unbatched_and_float16():
+    _compare("rnn_tanh", 1, True, False, True, 1, 5, 4, 10, 0, True, dtype=torch.float32, tol=1e-5, unbatched=True)
+    _compare("rnn_relu", 2, False, True, True, 3, 4, 5, 20, 0, True, dtype=torch.float16, tol=5e-3)
+
+
+class _RnnNet(torch.nn.Module):
+    """Two Elman RNNs (relu, 2 layers, bidirectional, batch first; then tanh without bias) and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.RNN(5, 8, num_layers=2, nonlinearity="relu", bidirectional=True, batch_first=True)
+        self.top = torch.nn.RNN(16, 6, bias=False, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x, h0):
+        y, h = self.rnn(x, h0)
+        z, _ = self.top(y)
+        return self.head(z) + h.sum(0).mean(-1, keepdim=True)[:, None]
+
+
+def test_rnn_model_runs_and_trains_on_triton_at_two_lengths():
+    torch.manual_seed(0)
+    model = _RnnNet().eval()
+    length = torch.export.Dim("L", min=2, max=64)
+    args = (torch.randn(2, 7, 5), torch.randn(4, 2, 8))
+    prog = itc.convert(model, args, dynamic_shapes={"x": {1: length}, "h0": None})
+    assert [(t.family, t.attrs.cell) for t in prog.transforms] == [("gated", "rnn_relu"), ("gated", "rnn_tanh")]
+    mod = itc.build(prog, backend="triton")
+    ref_params = dict(model.named_parameters())
+    for n in (5, 11):
+        model.zero_grad()
+        x, h0 = torch.randn(2, n, 5, requires_grad=True), torch.randn(4, 2, 8, requires_grad=True)
+        out, ref = mod(x, h0), model(x, h0)
+        assert mod.fallbacks == {}
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        r = torch.randn_like(ref)
+        params = dict(mod.gm.named_parameters())
+        got = torch.autograd.grad((out * r).sum(), [x, h0, *(params[k] for k in ref_params)])
+        want = torch.autograd.grad((ref * r).sum(), [x, h0, *ref_params.values()])
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

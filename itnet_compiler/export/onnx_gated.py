@@ -1,7 +1,8 @@
-"""The ONNX body of an exact ``gated`` transform (an nn.LSTM / nn.GRU module): one ONNX ``LSTM`` / ``GRU`` node per
-layer, both directions in it. torch's gate blocks (LSTM i f g o, GRU r z n) are reordered to ONNX's (i o f c, z r h)
-by Split / Concat on the weights inside the function, so the weights stay the model's own tensors; GRU uses
-``linear_before_reset=1`` (torch applies r to (W_hn h + b_hn)). Projections (``proj_size``) have no ONNX op: those
+"""The ONNX body of an exact ``gated`` transform (an nn.LSTM / nn.GRU / nn.RNN module): one ONNX ``LSTM`` / ``GRU`` /
+``RNN`` node per layer, both directions in it. torch's gate blocks (LSTM i f g o, GRU r z n) are reordered to ONNX's
+(i o f c, z r h) by Split / Concat on the weights inside the function, so the weights stay the model's own tensors; GRU
+uses ``linear_before_reset=1`` (torch applies r to (W_hn h + b_hn)); the one-gate RNN cells need no reordering and name
+their activation (``Tanh`` or ``Relu``, per direction). Projections (``proj_size``) have no ONNX op: those
 layers are a ``Scan`` over time (``onnx_scan.lstm_projected``)."""
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from ..ir.core import Node
 from .onnx_nodes import Nodes
 
 _ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2)}  # ONNX block k takes torch block _ORDER[k]
+_RNN_ACTIVATION = {"rnn_tanh": "Tanh", "rnn_relu": "Relu"}
 
 
 def _reorder(b: Nodes, w: str, cell: str) -> str:
+    if cell not in _ORDER:  # one gate block: the same in both layouts
+        return w
     parts = b.op("Split", [w], n_out=len(_ORDER[cell]), axis=0, num_outputs=len(_ORDER[cell]))
     return b.op("Concat", [parts[i] for i in _ORDER[cell]], axis=0)
 
@@ -57,6 +61,8 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
         if a.cell == "lstm":
             y, yh, yc = b.op("LSTM", [*args, lc], n_out=3, **attrs)
             cn.append(yc)
+        elif a.cell in _RNN_ACTIVATION:
+            y, yh = b.op("RNN", args, n_out=2, activations=[_RNN_ACTIVATION[a.cell]] * dirs, **attrs)
         else:
             y, yh = b.op("GRU", args, n_out=2, linear_before_reset=1, **attrs)
         hn.append(yh)

@@ -1,11 +1,11 @@
-"""Built-in module converters: ``nn.LSTM``, ``nn.GRU`` and transformers' ``MambaMixer`` and ``Mamba2Mixer``.
+"""Built-in module converters: ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and transformers' ``MambaMixer`` and ``Mamba2Mixer``.
 
 Why converters and not tracing: torch.export unrolls an LSTM over time (and refuses a dynamic length for it), and the
 HF Mamba CPU path is a Python loop over time (Mamba2's pads to whole chunks with a branch on the length); traced, each
 would become thousands of ops specialised to one length. Each converter writes the layer's math instead:
 
-- ``nn.LSTM`` / ``nn.GRU`` → one ``gated`` node per module carrying every layer and direction (``ir/recurrent.py``
-  says why), outputs exactly torch's (output, h_n[, c_n]); initial states are the optional roles.
+- ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` → one ``gated`` node per module carrying every layer and direction
+  (``ir/recurrent.py`` says why), outputs exactly torch's (output, h_n[, c_n]); initial states are the optional roles.
 - ``MambaMixer`` → in_proj, x_proj, dt_proj, out_proj and the gating as generic ATen ops, the depthwise causal conv1d
   as a ``stationary`` node and the selective scan as an ``ssm`` node (A [D, N] diagonal, one head per channel).
 - ``Mamba2Mixer`` → the same with SSD heads (A scalar per head, ``n_groups`` groups of B and C, ``chunk_size`` kept as
@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import ItnetError
 from ..ir.core import Value
 from ..ir.families import StationaryAttrs
-from ..ir.recurrent import GatedAttrs, SsmAttrs
+from ..ir.recurrent import CELLS, GatedAttrs, SsmAttrs
 from ..ir.types import TensorType
 from .converters import ConverterContext, register_converter
 
@@ -169,7 +169,7 @@ def _no_cache(ctx: ConverterContext, args: dict[str, object]) -> None:
 
 
 def _rnn_shapes(module: nn.RNNBase, input: object, hx: object = None) -> object:
-    """What nn.LSTM / nn.GRU return, as empty tensors."""
+    """What nn.LSTM / nn.GRU / nn.RNN return, as empty tensors."""
     name = type(module).__name__
     if isinstance(input, PackedSequence):
         raise ItnetError(
@@ -190,8 +190,10 @@ def _rnn_shapes(module: nn.RNNBase, input: object, hx: object = None) -> object:
 
 
 def _convert_rnn(ctx: ConverterContext, module: nn.RNNBase, *inputs: Value) -> list[Value]:
-    if module.mode not in ("LSTM", "GRU"):
-        raise ItnetError(f"only LSTM and GRU modes convert, not {module.mode}", layer=ctx.layer)
+    if module.mode.lower() not in CELLS:
+        raise ItnetError(
+            f"only the {', '.join(c.upper() for c in CELLS)} modes convert, not {module.mode}", layer=ctx.layer
+        )
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise ItnetError(
             "the RNN is in training mode with dropout between layers; call model.eval() before converting",
@@ -219,6 +221,7 @@ def _convert_rnn(ctx: ConverterContext, module: nn.RNNBase, *inputs: Value) -> l
 
 _register(nn.LSTM, _rnn_shapes)(_convert_rnn)
 _register(nn.GRU, _rnn_shapes)(_convert_rnn)
+_register(nn.RNN, _rnn_shapes)(_convert_rnn)
 
 
 # ----------------------------------------------------------------------------------------------------- Mamba

@@ -1,8 +1,9 @@
-"""ONNX LSTM / GRU nodes as ``gated`` transforms. The node's weights (initializers or graph inputs alike) are turned
-into torch's layout by generic ops — ONNX gate blocks (LSTM i o f c, GRU z r h) reordered to torch's (i f g o,
+"""ONNX LSTM / GRU / RNN nodes as ``gated`` transforms. The node's weights (initializers or graph inputs alike) are
+turned into torch's layout by generic ops — ONNX gate blocks (LSTM i o f c, GRU z r h) reordered to torch's (i f g o,
 r z n), W / R / B split per direction — and handed to ``GatedCall``, a module whose converter emits the transform
-with those values as its weights. ``direction="reverse"`` runs forward on the time-flipped sequence. Variants torch's
-cells do not compute (peepholes, clip, other activations, GRU with linear_before_reset=0, sequence_lens) run as an
+with those values as its weights; an RNN whose directions all use Tanh (or all Relu) is torch's ``rnn_tanh``
+(``rnn_relu``) cell. ``direction="reverse"`` runs forward on the time-flipped sequence. Variants torch's cells do not
+compute (peepholes, clip, other or mixed activations, GRU with linear_before_reset=0, sequence_lens) run as an
 explicit loop over time (``Unrolled``): correct, but generic ops at a static length."""
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from ..ir.types import TensorType
 from .builtin_converters import _register, bind_inputs
 from .converters import ConverterContext
 
-_TO_TORCH = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2)}  # torch block k is ONNX block _TO_TORCH[k]
+_TO_TORCH = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}  # torch block k is ONNX block _TO_TORCH[k]
 _DEFAULT_ACT = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 
 
 class GatedCall(nn.Module):
-    """torch's fused LSTM / GRU on weights passed as tensors (torch's ``_flat_weights`` order)."""
+    """torch's fused LSTM / GRU / RNN on weights passed as tensors (torch's ``_flat_weights`` order); ``cell`` is a
+    ``gated`` cell name."""
 
     def __init__(self, cell: str, input_size: int, hidden: int, bidirectional: bool, bias: bool):
         super().__init__()
@@ -32,7 +34,7 @@ class GatedCall(nn.Module):
         if self.cell == "lstm":
             y, h, c = torch.lstm(x, (h0, c0), list(weights), *flags)
             return y, h, c
-        y, h = torch.gru(x, h0, list(weights), *flags)
+        y, h = getattr(torch, self.cell)(x, h0, list(weights), *flags)
         return y, h
 
 
@@ -63,13 +65,27 @@ def _convert(ctx: ConverterContext, module: GatedCall, *inputs):
 _register(GatedCall, _shapes)(_convert)
 
 
+def _activations(node) -> list[str]:
+    return [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])]
+
+
+def _rnn_cell(node) -> str | None:
+    """``rnn_tanh`` / ``rnn_relu`` for an RNN node whose every direction uses that activation (one name per
+    direction, or none: Tanh), else None."""
+    acts = _activations(node) or ["Tanh"] * (2 if node.attr("direction", "forward") == "bidirectional" else 1)
+    dirs = 2 if node.attr("direction", "forward") == "bidirectional" else 1
+    if len(acts) != dirs or len(set(acts)) != 1 or acts[0] not in ("Tanh", "Relu"):
+        return None
+    return f"rnn_{acts[0].lower()}"
+
+
 def _blocks(w: torch.Tensor, op_type: str) -> torch.Tensor:
     parts = torch.chunk(w, len(_TO_TORCH[op_type]), dim=0)
     return torch.cat([parts[i] for i in _TO_TORCH[op_type]], 0)
 
 
 class OnnxRecurrent(nn.Module):
-    """One ONNX LSTM / GRU node computed by torch's cell (captured as a ``gated`` transform)."""
+    """One ONNX LSTM / GRU / RNN node computed by torch's cell (captured as a ``gated`` transform)."""
 
     def __init__(self, node, input_size: int):
         super().__init__()
@@ -78,7 +94,8 @@ class OnnxRecurrent(nn.Module):
         self.direction = node.attr("direction", "forward")
         self.layout = int(node.attr("layout", 0))
         bias = len(node.inputs) > 3 and bool(node.inputs[3])
-        self.call = GatedCall(self.op_type.lower(), input_size, self.hidden, self.direction == "bidirectional", bias)
+        cell = _rnn_cell(node) if self.op_type == "RNN" else self.op_type.lower()
+        self.call = GatedCall(cell, input_size, self.hidden, self.direction == "bidirectional", bias)
 
     def forward(self, x, w, r, b=None, seq_lens=None, h0=None, c0=None, p=None):
         if self.layout:
@@ -110,7 +127,10 @@ class OnnxRecurrent(nn.Module):
 
 def fused_variant(node) -> bool:
     """Whether torch's cell computes this node exactly."""
-    if node.attr("activations") not in (None, _DEFAULT_ACT.get(node.op_type)):
+    if node.op_type == "RNN":
+        if _rnn_cell(node) is None:
+            return False
+    elif _activations(node) not in ([], _DEFAULT_ACT.get(node.op_type)):
         return False
     if node.attr("clip") is not None or node.attr("input_forget", 0):
         return False
@@ -131,7 +151,7 @@ class Unrolled(nn.Module):
         self.layout = int(node.attr("layout", 0))
         self.clip = node.attr("clip")
         self.lbr = int(node.attr("linear_before_reset", 0))
-        self.acts = [a.decode() if isinstance(a, bytes) else a for a in (node.attr("activations") or [])]
+        self.acts = _activations(node)
         self.input_forget = int(node.attr("input_forget", 0))
 
     def _act(self, i: int, d: int, x):

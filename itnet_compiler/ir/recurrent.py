@@ -1,4 +1,4 @@
-"""Recurrent kernel families of ``it.transform``: ``ssm`` (state-space scans) and ``gated`` (LSTM, GRU).
+"""Recurrent kernel families of ``it.transform``: ``ssm`` (state-space scans) and ``gated`` (LSTM, GRU, RNN).
 
 Both are causal transforms whose kernel is a product of per-step transitions: for ``ssm`` the transition is diagonal
 and does not read the state, so K(i, j) = C_iᵀ exp(Σ_{r=j+1..i} Δ_r A) Δ_j B_j is a closed form and admits scans,
@@ -13,12 +13,14 @@ Input layouts (fixed by the converters, relied upon by every backend):
   y_t = C_tᵀ h_t (the real part when the state is complex), where Δ = clamp(softplus?(dt + dt_bias), dt_min,
   dt_max). Outputs: y [B, L, H, P] in x's dtype, and the final state [B, H, P, N] when ``return_state`` (float32 at
   least, complex when A is).
-- ``gated``: one node per ``nn.LSTM`` / ``nn.GRU`` module, every layer and direction inside it, so that the node is
-  the module (plans, inspect rows and bundles name it by its module path) and ``library`` is torch's fused RNN. Roles:
+- ``gated``: one node per ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` module, every layer and direction inside it, so that
+  the node is the module (plans, inspect rows and bundles name it by its module path) and ``library`` is torch's fused
+  RNN. Roles:
   ``x`` [L, B, I] ([B, L, I] when ``batch_first``; [L, I] unbatched), ``weights`` the list torch keeps in
   ``_flat_weights`` (per layer, per direction: w_ih, w_hh, then b_ih, b_hh when ``bias``, then w_hr when
   ``proj_size``), optional ``h0`` [layers·dirs, B, H_out] and ``c0`` [layers·dirs, B, H] (LSTM). Outputs exactly as
-  torch returns them: output, h_n and, for LSTM, c_n.
+  torch returns them: output, h_n and, for LSTM, c_n. Cells: ``lstm`` (gates i f g o), ``gru`` (r z n) and the
+  one-gate Elman cells ``rnn_tanh`` / ``rnn_relu`` (h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh)).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from .types import TensorType
 
 if TYPE_CHECKING:
     from .core import Node
+
+
+# The cells of ``gated``, with torch's mode names (``nn.RNNBase.mode``) in lower case.
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 def _same(a: sympy.Expr, b: sympy.Expr) -> bool:
@@ -105,11 +111,11 @@ class SsmAttrs(FamilyAttrs):
 @register_family
 @dataclass(frozen=True, kw_only=True)
 class GatedAttrs(FamilyAttrs):
-    """An ``nn.LSTM`` or ``nn.GRU`` module: gates that read h_{t-1}, every layer and direction."""
+    """An ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` module: gates that read h_{t-1}, every layer and direction."""
 
     family: ClassVar[str] = "gated"
     roles: ClassVar[tuple[str, ...]] = ("x", "weights", "h0?", "c0?")
-    cell: str = one_of("lstm", "gru")
+    cell: str = one_of(*CELLS)
     input_size: int = at_least(1, 1)
     hidden_size: int = at_least(1, 1)
     proj_size: int = 0
@@ -121,7 +127,7 @@ class GatedAttrs(FamilyAttrs):
 
     @property
     def gates(self) -> int:
-        return 4 if self.cell == "lstm" else 3
+        return {"lstm": 4, "gru": 3}.get(self.cell, 1)
 
     @property
     def dirs(self) -> int:
@@ -145,14 +151,14 @@ class GatedAttrs(FamilyAttrs):
 
     def check(self, node: Node) -> None:
         super().check(node)
-        if self.cell not in ("lstm", "gru"):
-            raise ValueError(f"cell must be lstm or gru, not {self.cell!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {self.cell!r}")
         if self.support != ("full" if self.bidirectional else "causal"):
             raise ValueError("gated support is causal, full when bidirectional")
         if self.proj_size and (self.cell != "lstm" or self.proj_size >= self.hidden_size):
             raise ValueError("proj_size needs an lstm cell and must be smaller than hidden_size")
-        if self.cell == "gru" and node.kwargs.get("c0") is not None:
-            raise ValueError("a gru has no cell state c0")
+        if self.cell != "lstm" and node.kwargs.get("c0") is not None:
+            raise ValueError(f"a {self.cell} cell has no cell state c0")
         x = role_type(node, "x")
         if x.rank not in (2, 3) or not _same(x.shape[-1], self.input_size):
             raise ValueError(f"x must be [length, batch, {self.input_size}] (or batch first, or unbatched), not {x}")

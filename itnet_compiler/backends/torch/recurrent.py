@@ -1,5 +1,5 @@
 """Torch lowerings of the recurrent families: ``ssm`` (``scan``, ``chunked``, ``dense``) and ``gated`` (``scan``,
-``library``). Layouts are those of ``ir/recurrent.py``.
+``library``; LSTM, GRU and the Elman RNN cells). Layouts are those of ``ir/recurrent.py``.
 
 Notation: b batch, t/l/s time, c chunk, g group, r head within its group (h = g·R + r), p head channel, n state.
 A ``[H]`` (Mamba2) decays every state channel of a head alike; an ``A [H, N]`` (Mamba, S4D) decays each one apart, so
@@ -232,12 +232,25 @@ def _gru_direction(xs, h, w_ih, w_hh, b_ih, b_hh, reverse):
     return out, h
 
 
+def _rnn_direction(xs, h, w_ih, w_hh, b_ih, b_hh, reverse, relu):
+    """The Elman cell h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh), act tanh or relu."""
+    gates_in = F.linear(xs, w_ih, b_ih)
+    act = torch.relu if relu else torch.tanh
+    out = xs.new_empty(xs.shape[0], xs.shape[1], h.shape[-1])
+    for t in range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0]):
+        h = act(F.linear(h, w_hh, b_hh) + gates_in[t])
+        out[t] = h
+    return out, h
+
+
 def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, num_layers, bidirectional, batch_first,
-               bias, lstm_direction=None, gru_direction=None):  # fmt: skip
+               bias, lstm_direction=None, gru_direction=None, rnn_direction=None):  # fmt: skip
     """Layer by layer, direction by direction, a loop over time; the input projections of all steps are one matmul.
-    Other backends pass their own per-direction scans (same signatures as ``_lstm_direction``/``_gru_direction``)."""
+    Other backends pass their own per-direction scans (same signatures as ``_lstm_direction``, ``_gru_direction``,
+    ``_rnn_direction``)."""
     lstm_direction = lstm_direction or _lstm_direction
     gru_direction = gru_direction or _gru_direction
+    rnn_direction = rnn_direction or _rnn_direction
     xs, h0, c0, unbatched = _batched(x, h0, c0)
     batch_first = batch_first and not unbatched
     xs = xs.transpose(0, 1) if batch_first else xs
@@ -260,8 +273,10 @@ def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, nu
                 w_hr = w[-1] if proj_size else None
                 y, h, c = lstm_direction(xs, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, d == 1)
                 cn.append(c)
-            else:
+            elif cell == "gru":
                 y, h = gru_direction(xs, h0[k], w_ih, w_hh, b_ih, b_hh, d == 1)
+            else:
+                y, h = rnn_direction(xs, h0[k], w_ih, w_hh, b_ih, b_hh, d == 1, cell == "rnn_relu")
             outs.append(y)
             hn.append(h)
         xs = torch.cat(outs, -1) if dirs == 2 else outs[0]
@@ -273,7 +288,8 @@ def gated_scan(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, nu
 
 def gated_library(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size, num_layers, bidirectional,
                   batch_first, bias):  # fmt: skip
-    """torch's own multi-layer RNN kernel (``torch.lstm`` / ``torch.gru``, cuDNN on the GPU)."""
+    """torch's own multi-layer RNN kernel (``torch.lstm`` / ``torch.gru`` / ``torch.rnn_tanh`` / ``torch.rnn_relu``,
+    cuDNN on the GPU)."""
     xs, h0, c0, unbatched = _batched(x, h0, c0)
     batch_first = batch_first and not unbatched
     dirs = 2 if bidirectional else 1
@@ -281,8 +297,8 @@ def gated_library(x, weights, h0=None, c0=None, *, cell, hidden_size, proj_size,
     if h0 is None:
         h0 = xs.new_zeros(num_layers * dirs, batch, proj_size or hidden_size)
     flags = (bias, num_layers, 0.0, False, bidirectional, batch_first)
-    if cell == "gru":
-        result = torch.gru(xs, h0, list(weights), *flags)
+    if cell != "lstm":
+        result = getattr(torch, cell)(xs, h0, list(weights), *flags)
     else:
         if c0 is None:
             c0 = xs.new_zeros(num_layers * dirs, batch, hidden_size)

@@ -1,4 +1,5 @@
-"""Triton lowering of ``gated`` (LSTM and GRU layers, LSTM projections included): the sequential part of each layer
+"""Triton lowering of ``gated`` (LSTM, GRU and Elman RNN layers, LSTM projections included; the RNN scan is
+``rnn.py``): the sequential part of each layer
 and direction is one kernel launch (``templates.LSTM_SCAN``, ``templates.GRU_SCAN``), forward and backward; the input
 projections and the weight gradients are GEMMs in torch.
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 from ..torch import recurrent as torch_recurrent
-from . import loader, templates
+from . import loader, rnn, templates
 
 # Weight elements (all gates, and W_hr) kept in registers for the whole sequence at most; above it they are streamed.
 RESIDENT_MAX = 16384
@@ -214,4 +215,4 @@ def gated_scan(x, weights, h0=None, c0=None, **static):
     """Same contract as the torch ``gated`` lowerings (layouts in ir/recurrent.py): torch's layer/direction loop,
     each direction's sequential part on the Triton scans."""
     return torch_recurrent.gated_scan(x, weights, h0, c0, lstm_direction=_direction, gru_direction=_gru_direction,
-                                      **static)  # fmt: skip
+                                      rnn_direction=rnn.direction, **static)  # fmt: skip
