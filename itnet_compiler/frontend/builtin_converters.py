@@ -10,6 +10,8 @@ would become thousands of ops specialised to one length. Each converter writes t
   as a ``stationary`` node and the selective scan as an ``ssm`` node (A [D, N] diagonal, one head per channel).
 - ``Mamba2Mixer`` → the same with SSD heads (A scalar per head, ``n_groups`` groups of B and C, ``chunk_size`` kept as
   the chunked lowering's default) and the gated grouped RMSNorm as generic ops.
+- any module of either mixer's structure, whatever its class (``mamba_structure`` says what is checked): FalconMamba's
+  and Jamba's mixers, whose RMS norms on dt, B and C become generic ops, and users' copies.
 
 Every converter also registers a ``shapes`` function, which export runs on fake tensors instead of the module's
 forward, so that no length is specialised. Only parameter names and the mixers' own size attributes are read, which
@@ -33,7 +35,8 @@ from ..ir.core import Value
 from ..ir.families import StationaryAttrs
 from ..ir.recurrent import CELLS, GatedAttrs, SsmAttrs
 from ..ir.types import TensorType
-from .converters import ConverterContext, register_converter
+from .converters import ConverterContext, register_converter, register_structural_converter
+from .mamba_structure import ACTIVATIONS, MAMBA_NORMS, RmsNorm, is_mamba2_mixer, is_mamba_mixer, mamba_norms
 
 
 def _register(cls: type[nn.Module] | str, shapes):
@@ -142,15 +145,11 @@ class _Emit:
         return self.ctx.transform(attrs, roles, [x.type])[0]
 
 
-_ACTIVATIONS = {"silu": "aten.silu.default", "swish": "aten.silu.default", "gelu": "aten.gelu.default"}
-_ACTIVATIONS["relu"] = "aten.relu.default"
-
-
 def _activation(ctx: ConverterContext, name: str) -> str:
-    op = _ACTIVATIONS.get(str(name))
+    op = ACTIVATIONS.get(str(name))
     if op is None:
         raise ItnetError(
-            f"the mixer's activation {name!r} has no converter rule; use one of {sorted(_ACTIVATIONS)}", layer=ctx.layer
+            f"the mixer's activation {name!r} has no converter rule; use one of {sorted(ACTIVATIONS)}", layer=ctx.layer
         )
     return op
 
@@ -250,7 +249,11 @@ def _convert_mamba(ctx: ConverterContext, mixer: nn.Module, *inputs: Value) -> V
     x, gate = e.split(proj, [d, d])
     conv = e.causal_depthwise_conv(e.transpose(x, 1, 2), mixer.conv1d, "conv1d")
     x = e.mask_padding(e.transpose(e.unary(_activation(ctx, mixer.activation), conv), 1, 2), mask)
-    time_step, b, c = e.split(e.linear(x, ctx.weight("x_proj.weight")), [rank, n, n])
+    parts = e.split(e.linear(x, ctx.weight("x_proj.weight")), [rank, n, n])
+    norms = mamba_norms(mixer) or {}  # FalconMamba's / Jamba's norms on dt, B and C, found by structure
+    time_step, b, c = (
+        _rms_norm(e, name, norms[name], v) if name in norms else v for name, v in zip(MAMBA_NORMS, parts, strict=True)
+    )
     dt = e.linear(time_step, ctx.weight("dt_proj.weight"))
     a = e.unary("aten.neg.default", e.unary("aten.exp.default", e.cast(ctx.weight("A_log"), torch.float32)))
     attrs = SsmAttrs(heads=d, head_dim=1, groups=1, state_size=n, dt_softplus=True, chunk=MAMBA_CHUNK)
@@ -312,6 +315,17 @@ def _convert_mamba2(ctx: ConverterContext, mixer: nn.Module, *inputs: Value) -> 
     return e.linear(e.cast(y, dtype), ctx.weight("out_proj.weight"), e.weight(mixer, "out_proj.bias"))
 
 
+def _rms_norm(e: _Emit, name: str, norm: RmsNorm, x: Value) -> Value:
+    """HF's RMS norms (``JambaRMSNorm``, ``FalconMambaWeightlessRMSNorm``): in float32, back to x's dtype, then
+    times the weight when the norm has one."""
+    h = e.cast(x, torch.float32)
+    var = e.op("aten.mean.dim", [e.unary("aten.pow.Tensor_Scalar", h, 2), [-1], True], h.type.dtype,
+               (*h.type.shape[:-1], 1))  # fmt: skip
+    inv = e.unary("aten.rsqrt.default", e.binary("aten.add.Tensor", var, norm.eps))
+    h = e.cast(e.binary("aten.mul.Tensor", h, inv), x.type.dtype)
+    return e.binary("aten.mul.Tensor", e.ctx.weight(f"{name}.weight"), h) if norm.weighted else h
+
+
 def _gated_rms_norm(e: _Emit, norm: nn.Module, y: Value, gate: Value) -> Value:
     """HF ``MambaRMSNormGated``: RMS-normalise y·silu(gate) per group of ``group_size`` channels, in float32."""
     dtype = y.type.dtype
@@ -329,3 +343,6 @@ def _gated_rms_norm(e: _Emit, norm: nn.Module, y: Value, gate: Value) -> Value:
 # By qualified name: importing transformers' Mamba modules takes seconds, and itnet does not need transformers at all.
 _register("transformers.models.mamba.modeling_mamba.MambaMixer", _mixer_shapes)(_convert_mamba)
 _register("transformers.models.mamba2.modeling_mamba2.Mamba2Mixer", _mixer_shapes)(_convert_mamba2)
+# Any other class of the same structure (FalconMamba's and Jamba's mixers, a user's copy): ``mamba_structure``.
+register_structural_converter("mamba-mixer", is_mamba_mixer, _convert_mamba, shapes=_mixer_shapes)
+register_structural_converter("mamba2-mixer", is_mamba2_mixer, _convert_mamba2, shapes=_mixer_shapes)

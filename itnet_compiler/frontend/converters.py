@@ -9,6 +9,12 @@ of the module call's flattened tensor arguments; the converter must return the f
 A forward that cannot run on fake tensors with symbolic sizes (a Python loop over time specialises the length; torch's
 LSTM decomposition does the same) registers ``shapes``: a function that returns what the forward would return as empty
 tensors, which the capture op's fake implementation calls instead of the forward.
+
+A layer that comes under many class names (a model family's copies of one mixer, a user's renamed copy) registers a
+structural converter instead: ``register_structural_converter(name, predicate, convert)``, where ``predicate(module)``
+says from the module's parameters, submodules and attributes whether ``convert`` computes it exactly. Lookup takes the
+class registry first (the nearest class in the MRO, so a user's ``register_converter`` always wins), then the
+predicates, the latest registered first; a module no predicate accepts is traced as usual.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ Shapes = Callable[..., object]
 # Keyed by class, or by a class's qualified name (``module.QualName``) for classes of optional libraries.
 _REGISTRY: dict[type | str, Converter] = {}
 _SHAPES: dict[type | str, Shapes] = {}
+Predicate = Callable[[torch.nn.Module], bool]
+_STRUCTURAL: dict[str, tuple[Predicate, Converter, Shapes | None]] = {}
 _ACTIVE: dict[str, _Capture] = {}
 _COUNTER = itertools.count()
 
@@ -64,6 +72,22 @@ def unregister_converter(cls: type[torch.nn.Module] | str) -> None:
     _SHAPES.pop(cls, None)
 
 
+def register_structural_converter(
+    name: str, predicate: Predicate, convert: Converter, *, shapes: Shapes | None = None
+) -> Converter:
+    """Convert every module for which ``predicate(module)`` is true with ``convert`` (and ``shapes``, as in
+    ``register_converter``), whatever its class, unless its class has a converter of its own. ``name`` identifies the
+    rule (registering a name again replaces it). The predicate runs on every module of a converted model, in eager
+    mode: it must be cheap, must not raise, and must say False whenever ``convert`` would not be exact."""
+    _STRUCTURAL.pop(name, None)
+    _STRUCTURAL[name] = (predicate, convert, shapes)
+    return convert
+
+
+def unregister_structural_converter(name: str) -> None:
+    _STRUCTURAL.pop(name, None)
+
+
 def _key(module: torch.nn.Module) -> type | str | None:
     """The registry key for ``module``: the nearest class in its MRO registered by itself or by its qualified name."""
     for klass in type(module).__mro__:
@@ -73,15 +97,26 @@ def _key(module: torch.nn.Module) -> type | str | None:
     return None
 
 
-def converter_for(module: torch.nn.Module) -> Converter | None:
+def _lookup(module: torch.nn.Module) -> tuple[Converter, Shapes | None] | None:
+    """The converter for ``module`` and its ``shapes`` function: by class first, then by structure."""
     key = _key(module)
-    return None if key is None else _REGISTRY[key]
+    if key is not None:
+        return _REGISTRY[key], _SHAPES.get(key)
+    for predicate, convert, shapes in reversed(_STRUCTURAL.values()):
+        if predicate(module):
+            return convert, shapes
+    return None
+
+
+def converter_for(module: torch.nn.Module) -> Converter | None:
+    found = _lookup(module)
+    return None if found is None else found[0]
 
 
 def shapes_for(module: torch.nn.Module) -> Shapes | None:
     """The ``shapes`` function registered with the converter that ``converter_for`` picks, if any."""
-    key = _key(module)
-    return None if key is None else _SHAPES.get(key)
+    found = _lookup(module)
+    return None if found is None else found[1]
 
 
 @dataclass
@@ -137,11 +172,13 @@ def capturing(model: torch.nn.Module) -> Iterator[dict[str, _Capture]]:
     swapped: list[tuple[torch.nn.Module, str]] = []
     mine: dict[str, _Capture] = {}
     for path, mod in model.named_modules():
-        conv = converter_for(mod)
-        if conv is None or any(path.startswith(p + ".") for _, p in swapped if p):
+        if any(path.startswith(p + ".") for _, p in swapped if p):
+            continue
+        found = _lookup(mod)
+        if found is None:
             continue
         key = f"c{next(_COUNTER)}"
-        cap = _Capture(mod, path, mod.forward, conv, shapes_for(mod))
+        cap = _Capture(mod, path, mod.forward, *found)
         mine[key] = _ACTIVE[key] = cap
         mod.forward = _make_forward(key, cap)
         swapped.append((mod, path))
