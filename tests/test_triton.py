@@ -17,6 +17,8 @@ import itnet_compiler as itc  # noqa: E402
 from itnet_compiler.backends.torch.attention import attention_dense  # noqa: E402
 from itnet_compiler.backends.triton import attention as tri_attn  # noqa: E402
 from itnet_compiler.backends.triton import loader, templates  # noqa: E402
+from itnet_compiler.backends.triton.score_mod import ModSpec  # noqa: E402
+from itnet_compiler.backends.triton.score_mod import holes as score_holes  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
 
@@ -66,9 +68,15 @@ def test_fused_attention_forward_and_gradients(case, dtype):
 
 def test_generated_source_matches_snapshot_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("ITNET_CACHE_DIR", str(tmp_path))
-    holes = {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL}
+    holes = {"TITLE": "dot_exp fused attention", **score_holes(None, templates.DOT_EXP_KERNEL)}
     source = loader.render(templates.ATTENTION, holes)
     assert_matches_golden("dot_exp_fused", source)
+    # a score modification (softcap over a bias that needs a gradient, a boolean fill) inlined into every kernel
+    spec = ModSpec("where(t1, (-3.4028234663852886e+38), tanh((s + t0) / 30.0) * 30.0)", (False, True), (True, False))
+    modded = loader.render(
+        templates.ATTENTION, {"TITLE": "dot_exp fused attention", **score_holes(spec, templates.DOT_EXP_KERNEL)}
+    )
+    assert_matches_golden("dot_exp_fused_score_mod", modded)
     loader._LOADED.clear()
     mod = loader.load("dot_exp_fused", source)
     path = loader.source_path("dot_exp_fused", source)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import sympy
+import torch
 
+from . import score_mod
 from .fields import INT_ATTR, MAX_STR_ATTR, at_least, check_fields, one_of
 from .lowering import AUTO, LoweringSpec, check_lowering, parse_lowering
 from .types import TensorType, numel
@@ -60,6 +62,8 @@ class FamilyAttrs:
         out: dict[str, object] = {"family": self.family}
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
+            if f.metadata.get("omit_default") and val == f.default:
+                continue  # an attribute added later: absent from text written before it and from plain nodes
             out[f.name] = str(val) if isinstance(val, LoweringSpec) else _listify(val)
         return out
 
@@ -197,8 +201,10 @@ class DotExpAttrs(FamilyAttrs):
     """K(i, j) = exp(scale·⟨q_i, k_j⟩ + b(i, j)), normalised over j: every softmax attention."""
 
     family: ClassVar[str] = "dot_exp"
-    roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?")
+    roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?", "extras?")
     scale: float = 1.0
+    # m(s, b, h, i, j, t0..): the score modification between scale·⟨q, k⟩ and the mask (ir/score_mod.py); "" = s.
+    score_mod: str = dataclasses.field(default="", metadata={"omit_default": True})
     kv_heads: int = at_least(1, 1)
     mask: str = one_of("none", "bool", "additive")
     return_weights: bool = False
@@ -236,19 +242,48 @@ class DotExpAttrs(FamilyAttrs):
             raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if sympy.simplify(q.shape[3] - k.shape[3]) != 0 or sympy.simplify(k.shape[2] - v.shape[2]) != 0:
             raise ValueError(f"q {q}, k {k} and v {v} do not agree on head dim or length")
+        self._check_mod(node)
         has_mask = node.kwargs.get("mask") is not None
         if has_mask != (self.mask != "none"):
             raise ValueError(f"mask attribute {self.mask!r} does not match the mask input")
         if len(node.outputs) != (2 if self.return_weights else 1):
             raise ValueError("dot_exp has one output, two when return_weights")
 
+    def _check_mod(self, node: Node) -> None:
+        """The expression parses, reads only the node's extras (booleans where it uses them as conditions), and
+        each extra broadcasts to [B, H, L_q, L_k]."""
+        extras = node.kwargs.get("extras")
+        if extras is None:
+            extras = []
+        if not isinstance(extras, (list, tuple)) or len(extras) > score_mod.MAX_EXTRAS:
+            raise ValueError(f"extras must be a list of at most {score_mod.MAX_EXTRAS} tensors")
+        if not self.score_mod:
+            if extras:
+                raise ValueError("extras inputs need a score_mod expression that reads them")
+            return
+        expr = score_mod.parse(self.score_mod)
+        score_mod.check(expr, len(extras))
+        q, k = role_type(node, "q"), role_type(node, "k")
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        conds = score_mod.conditions(expr)
+        for n, t in enumerate(extras):
+            tt = getattr(t, "type", None)
+            if not isinstance(tt, TensorType) or tt.rank > 4:
+                raise ValueError(f"extras[{n}] must be a tensor of rank at most 4")
+            pairs = zip(reversed(tt.shape), reversed(full), strict=False)
+            if any(d != 1 and sympy.simplify(d - f) != 0 for d, f in pairs):
+                raise ValueError(f"extras[{n}] {tt} does not broadcast to [batch, heads, L_q, L_k]")
+            if (tt.dtype == torch.bool) != (n in conds):
+                raise ValueError(f"extras[{n}] must be boolean exactly when it is a where() condition")
+
     def flops(self, node: Node) -> sympy.Expr:
         q, v = role_type(node, "q"), role_type(node, "v")
         b, h, lq, d = q.shape
         lk, dv = v.shape[2], v.shape[3]
+        per_pair = d + dv + (sympy.Rational(score_mod.ops(score_mod.parse(self.score_mod)), 2) if self.score_mod else 0)
         if self.window:
-            return 2 * b * h * self.window_pairs(lq) * (d + dv)
-        full = 2 * b * h * lq * lk * (d + dv)
+            return 2 * b * h * self.window_pairs(lq) * per_pair
+        full = 2 * b * h * lq * lk * per_pair
         return full / 2 if self.causal else full
 
     def domain(self, node: Node) -> str:
@@ -263,4 +298,6 @@ class DotExpAttrs(FamilyAttrs):
             parts.append(f"GQA kv_heads {self.kv_heads}")
         if self.mask != "none":
             parts.append(f"{self.mask} mask")
+        if self.score_mod:
+            parts.append(f"score {self.score_mod}")
         return ", ".join(parts)

@@ -18,7 +18,7 @@ from ..errors import ItnetError
 from ..ir.core import Program
 from ..ir.target import Target, get_target
 from ..ir.verify import verify
-from . import recognize_attention, recognize_conv
+from . import einsum, recognize_attention, recognize_conv
 from .choose_lowering import ChooseOptions, choose_auto
 from .cleanup import dce
 from .fold_masks import fold_masks
@@ -74,6 +74,7 @@ def _resolve(prog: Program, ctx: Context) -> Program:
 PIPELINE: list[Step] = [
     Step("dce", "recognise", _dce, "drop what nothing reads (export leaves dead shape ops)"),
     Step("recognise-convolution", "recognise", _rules(recognize_conv.RULES), "aten convolutions -> stationary"),
+    Step("canonicalise-einsum", "recognise", _rules(einsum.RULES), "batched-matmul einsums -> permute/matmul"),
     Step("recognise-attention", "recognise", _rules(recognize_attention.RULES), "SDPA and softmax chains -> dot_exp"),
     Step("fold-constant-masks", "recognise", _fold, "constant masks -> causal / window support"),
     Step("dce-after-recognition", "recognise", _dce, "drop the ops the rewrites replaced"),

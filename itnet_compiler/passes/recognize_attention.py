@@ -22,7 +22,7 @@ a softmax in another precision, two masks) is left generic.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -30,6 +30,7 @@ import torch
 from ..ir.core import TRANSFORM, Node, Value
 from ..ir.families import DotExpAttrs
 from ..ir.types import TensorType
+from . import score_chain
 from .rewrite import Match, Rewrite, Rule, bind
 
 _MATMUL = ("aten.matmul.default", "aten.bmm.default")
@@ -152,6 +153,8 @@ class _Spec:
     # ``drop`` masks hold True where the score is dropped (masked_fill); they are negated before use.
     drop: bool = False
     causal: bool = False
+    mod: str = ""  # the score expression (ir/score_mod.py) over the extras
+    extras: list[Value] = field(default_factory=list)
 
 
 def _chain(m: Match) -> Rewrite | None:
@@ -160,9 +163,13 @@ def _chain(m: Match) -> Rewrite | None:
     p_val, v = node.args[0], node.args[1]
     hops = [p_val]
     cur = m.producer(p_val)
-    while cur is not None and (cur.op in _PASSTHROUGH or cur.op in _DROPOUT):
-        if not _is_identity(cur):
+    viewed = False  # the weights pass through views of their leading dims (3-d <-> 4-d <-> 5-d layouts)
+    while cur is not None and (cur.op in _PASSTHROUGH or cur.op in _DROPOUT or cur.op in _RESHAPE):
+        if cur.op in _RESHAPE and not score_chain._leading_view(cur):
             return None
+        if cur.op not in _RESHAPE and not _is_identity(cur):
+            return None
+        viewed = viewed or cur.op in _RESHAPE
         hops.append(cur.args[0])
         cur = m.producer(cur.args[0])
     if cur is None or cur.op not in _SOFTMAX or not _plain_softmax(cur):
@@ -170,14 +177,60 @@ def _chain(m: Match) -> Rewrite | None:
     # Every hop but the last feeds exactly one reader; extra readers of the final weights are returned.
     if any(m.n_uses(h) != 1 for h in hops[1:]):
         return None
-    scores = _scores(m, cur.args[0])
+    scores = None if viewed else _scores(m, cur.args[0])
     if scores is None:
-        return None
+        return None if m.n_uses(p_val) > 1 else _modified(m, cur.args[0], v)
     q, kT, spec = scores
     weights = p_val if m.n_uses(p_val) > 1 else None
     if weights is not None and not _read_after(m, weights):
         return None
     return _build(m, q, kT, v, spec, weights)
+
+
+def _modified(m: Match, logits: Value, v: Value) -> Rewrite | None:
+    """The chain as scale, score expression, extras and one outermost mask (``score_chain``), in any layout whose
+    leading dims regroup [B, H]."""
+    got = score_chain.walk(m, logits)
+    form = score_chain.normal_form(*got) if got is not None else None
+    text = score_chain.expression_text(form.expr) if form is not None else None
+    if text is None:
+        return None
+    _, sc = got
+    lead = _tt(logits).shape[:-2]
+    heads = sympy.Integer(1) if len(lead) == 1 else lead[-1]
+    raw_t, qt, kTt, vt = _tt(sc.raw), _tt(sc.q), _tt(sc.kT), _tt(v)
+    if not heads.is_Integer or None in (qt, kTt, vt) or qt.rank != kTt.rank or qt.rank < 3:
+        return None
+    if qt.shape[:-2] != raw_t.shape[:-2] or kTt.shape[:-2] != raw_t.shape[:-2]:
+        return None  # the product broadcasts over its batch dims
+    if vt.rank < 3 or vt.shape[:-2] != _tt(m.node.outputs[0]).shape[:-2]:
+        return None
+    lay = score_chain.Layout(m, int(heads), sympy.Mul(*lead) / heads, m.node.layer)
+    k = _untranspose(m, sc.kT, lay)
+    q4, k4, v4 = lay.operand(sc.q), lay.operand(k), lay.operand(v)
+    if None in (q4, k4, v4):
+        return None
+    k4 = _strip_repeat_kv(m, k4) if k4 is k else k4
+    v4 = _strip_repeat_kv(m, v4) if v4 is v else v4
+    extras = [lay.broadcast(x, where) for x, where in form.extras]
+    mask = lay.broadcast(*form.mask) if form.mask is not None else None
+    if None in extras or (form.mask is not None and mask is None):
+        return None
+    spec = _Spec(scale=form.scale, mask=mask, drop=form.drop, mod=text, extras=extras)
+    return _emit(m, q4, k4, v4, spec, lay.pre, None, three=False, layout=lay)
+
+
+def _untranspose(m: Match, kT: Value, lay: score_chain.Layout) -> Value:
+    """k from ``kT``: the transpose's input when it is one over the last two dims, else a new transpose."""
+    t = _tt(kT)
+    tp = m.producer(kT)
+    if (
+        tp is not None
+        and tp.op == "aten.transpose.int"
+        and {d % t.rank for d in tp.args[1:3]} == {t.rank - 1, t.rank - 2}
+    ):
+        return tp.args[0]
+    return lay._op("aten.transpose.int", [kT, -2, -1], (*t.shape[:-2], t.shape[-1], t.shape[-2]), t.dtype, "k")
 
 
 def _read_after(m: Match, v: Value) -> bool:
@@ -334,7 +387,15 @@ def _build(m: Match, q: Value, kT: Value, v: Value, spec: _Spec, weights: Value 
 
 
 def _emit(
-    m: Match, q: Value, k: Value, v: Value, spec: _Spec, pre: list[Node], weights: Value | None, three: bool
+    m: Match,
+    q: Value,
+    k: Value,
+    v: Value,
+    spec: _Spec,
+    pre: list[Node],
+    weights: Value | None,
+    three: bool,
+    layout: score_chain.Layout | None = None,
 ) -> Rewrite | None:
     """Check the [B, H, L, D] operands and write the transform (and the views back to 3-d when ``three``)."""
     node = m.node
@@ -359,9 +420,10 @@ def _emit(
             mask = keep.outputs[0]
     out = node.outputs[0]
     ot = _tt(out)
-    res_t = TensorType(ot.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3])) if three else ot
+    own_t = TensorType(ot.dtype, (qt.shape[0], qt.shape[1], qt.shape[2], vt.shape[3]))
+    res_t = own_t if three or layout is not None else ot
     # A fused SDPA node stays until dce (its other results): the transform's result needs a name of its own.
-    fresh = three or len(node.outputs) > 1
+    fresh = three or len(node.outputs) > 1 or layout is not None
     outs = [Value(m.fresh(out.name + "_it") if fresh else out.name, res_t)]
     if weights is not None:
         pt = _tt(weights)
@@ -374,12 +436,18 @@ def _emit(
         mask=mask_kind,
         support="causal" if spec.causal else "full",
         return_weights=weights is not None,
+        score_mod=spec.mod,
     )
     inputs: dict[str, object] = {"q": q, "k": k, "v": v}
     if mask is not None:
         inputs["mask"] = mask
+    if spec.extras:
+        inputs["extras"] = list(spec.extras)
     t = Node(TRANSFORM, [], inputs, outs, attrs, layer)
     nodes = [*pre, t]
+    if layout is not None:
+        post, back = layout.back(outs[0], ot, out.name + "_v")
+        return Rewrite([*nodes, *post], {out: back}) if back is not None else None
     if not three:
         replace = {out: outs[0]}
         if weights is not None:

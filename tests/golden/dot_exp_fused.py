@@ -3,7 +3,8 @@
 Notation: i ∈ [0, LQ) output rows (tiles of BLOCK_M), j ∈ [0, LK) input columns (tiles of BLOCK_N), d ∈ [0, D) head
 dim (padded to BLOCK_D). Program (pid_m, b·H + h) owns rows offs_m of head h; K/V are read at head h // GROUP (GQA).
 s = log2 K(i, j); forward keeps the running max m_i and sum l_i of exp2(s - m_i) (online normalisation) and stores
-LSE_i = m_i + log2 l_i for the backward, which recomputes p = exp2(s - LSE) tile by tile (never N² memory).
+m_i and log2 l_i in the two planes of LSE for the backward, which recomputes p = exp2((s - m_i) - log2 l_i) tile by
+tile (never N² memory; kept apart, a row whose every logit is one huge negative fill keeps its 1 / l_i).
 Supports: CAUSAL keeps j <= i; WINDOWED (with CAUSAL) also i - j < WINDOW, a sliding window. Each program visits
 only the tiles its support admits, and with HAS_BLOCKS skips those a mask rules out entirely (BLK[b, h, tm, tn] == 0,
 a table per tile size): forward, dQ and dK/dV alike. Only tiles cut by an edge, the diagonal or the window's lower
@@ -19,9 +20,11 @@ LOG2E = 1.4426950408889634
 def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
             HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
             WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
-    """s = log2 K(i, j) for one tile; MASK=False for tiles known to be in range and below the diagonal.
-    TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as offs_m, the row
-    offsets as offs_n, the bias strides and the lengths swapped; only the causal comparison flips here."""
+    """(s, g, sigma) for one tile: s = log2 K(i, j), sigma = scale·⟨q_i, k_j⟩ and g = ∂(natural logit)/∂sigma, which
+    the backward multiplies into dS (1 without a score modification). MASK=False for tiles known to be in range and
+    below the diagonal. TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as
+    offs_m, the row offsets as offs_n, the bias and extras strides and the lengths swapped; only the causal comparison
+    and the row/column indices of the score expression flip here."""
     s = tl.dot(q, kT, input_precision=PREC) * qk_scale
     if HAS_BIAS:
         bmask = (offs_m[:, None] < LQ) & (offs_n[None, :] < LK)
@@ -32,6 +35,8 @@ def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_sc
         else:
             bias = tl.load(bptr, mask=bmask, other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
+    g = 1.0
+    sigma = s
     if MASK:
         valid = offs_n[None, :] < LK
         if CAUSAL:
@@ -45,7 +50,7 @@ def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_sc
             else:
                 valid = valid & (offs_m[:, None] - offs_n[None, :] < WINDOW)
         s = tl.where(valid, s, float("-inf"))
-    return s
+    return s, g, sigma
 
 
 @triton.jit
@@ -99,8 +104,8 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
         else:
             kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=dmask[:, None], other=0.0)
-        s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW, HAS_BIAS, CAUSAL,
-                    PREC, MASK, WINDOWED)
+        s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                               HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -150,24 +155,25 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
         free = tl.maximum(tl.minimum(free, hi), lo)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, free,
                                    skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                   WINDOW, BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED,
-                                   HAS_BLOCKS, BLOCK_N)
+                                   WINDOW, BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True,
+                                   WINDOWED, HAS_BLOCKS, BLOCK_N)
     mid = _split(free, hi, first_masked)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, free, mid,
                                skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, WINDOWED, HAS_BLOCKS,
-                               BLOCK_N)
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, WINDOWED,
+                               HAS_BLOCKS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
                                skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED, HAS_BLOCKS,
-                               BLOCK_N)
+                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED,
+                               HAS_BLOCKS, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     m_fin = tl.where(m_i == float("-inf"), 0.0, m_i)
-    tl.store(LSE + bh * LQ + offs_m, m_fin + tl.log2(l_safe), mask=rmask)
+    tl.store(LSE + bh * LQ + offs_m, m_fin, mask=rmask)
+    tl.store(LSE + tl.num_programs(1) * LQ + bh * LQ + offs_m, tl.log2(l_safe), mask=rmask)
 
 
 @triton.jit
@@ -191,6 +197,7 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
     do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                  mask=rmask[:, None] & dmask[None, :], other=0.0)
     lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=0.0)
+    lg = tl.load(LSE + tl.num_programs(1) * LQ + bh * LQ + offs_m, mask=rmask, other=0.0)
     delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo = 0
@@ -207,11 +214,13 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
             vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
-            s = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW, HAS_BIAS,
-                        CAUSAL, PREC, True, WINDOWED)
-            p = tl.exp2(s - lse[:, None])
+            s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                                   HAS_BIAS, CAUSAL, PREC, True, WINDOWED)
+            p = tl.exp2((s - lse[:, None]) - lg[:, None])
             dp = tl.dot(do, vT, input_precision=PREC)
             ds = p * (dp - delta[:, None])
+
+            ds = ds * g
             dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -257,13 +266,14 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
             do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
                          mask=rmask[:, None] & dmask[None, :], other=0.0)
             lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
+            lg = tl.load(LSE + tl.num_programs(1) * LQ + bh * LQ + offs_m, mask=rmask, other=0.0)
             delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-            sT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, WINDOW, HAS_BIAS,
-                         CAUSAL, PREC, True, WINDOWED, True)
-            pT = tl.exp2(sT - lse[None, :])
+            sT, gT, sigT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, WINDOW,
+                                    HAS_BIAS, CAUSAL, PREC, True, WINDOWED, True)
+            pT = tl.exp2((sT - lse[None, :]) - lg[None, :])
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-            dsT = pT * (dpT - delta[None, :])
+            dsT = pT * (dpT - delta[None, :]) * gT
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
     base = b * sdb + h * sdh + offs_n[:, None] * sdn + offs_d[None, :] * sdd
     tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])

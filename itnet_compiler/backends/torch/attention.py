@@ -10,10 +10,13 @@ where its max skips the NaN logits and the row counts as fully masked.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from ...errors import ItnetError
+from ...ir import score_mod
 from ...ir.core import Node
 from ...ir.families import DotExpAttrs
 from .pairkernel import expand_kv, logit_bias
@@ -26,7 +29,35 @@ def _attn_static(node: Node) -> dict[str, object]:
     static: dict[str, object] = {"scale": a.scale, "causal": a.causal, "return_weights": a.return_weights}
     if a.window:
         static["window"] = a.window
+    if a.score_mod:
+        static["score_mod"] = a.score_mod
     return static
+
+
+@functools.lru_cache(maxsize=256)
+def _expr(text: str) -> score_mod.Expr:
+    return score_mod.parse(text)
+
+
+def modify(s: torch.Tensor, text: str, extras, i0: int = 0, j0: int = 0, lq: int = 0, lk: int = 0) -> torch.Tensor:
+    """m(s, b, h, i, j, t0..) on a [B, H, rows, cols] tile of scores whose first row is i0 and first column j0
+    (lq, lk: the full lengths, which say whether an extra spans the rows or the columns)."""
+    e = _expr(text)
+    b, h, rows, cols = s.shape
+    names = score_mod.variables(e)
+    dev = s.device
+    env: dict[str, object] = {"s": s}
+    index = {
+        "b": torch.arange(b, device=dev).view(-1, 1, 1, 1),
+        "h": torch.arange(h, device=dev).view(-1, 1, 1),
+        "i": torch.arange(i0, i0 + rows, device=dev).view(-1, 1),
+        "j": torch.arange(j0, j0 + cols, device=dev),
+    }
+    env.update({n: t for n, t in index.items() if n in names})
+    for n, t in enumerate(extras or ()):
+        env[f"t{n}"] = _block(t, i0, i0 + rows, j0, j0 + cols, lq or rows, lk or cols)
+    out = score_mod.evaluate(e, env)
+    return out.to(s.dtype) if out.dtype != s.dtype else out
 
 
 def support_keep(lq: int, lk: int, window: int, device: torch.device) -> torch.Tensor:
@@ -53,27 +84,31 @@ def logits_may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
     return nq * nk > limit  # NaN inputs compare False: float64 would not help them
 
 
-def _in_float64(fn, q, k, v, mask, **static):
+def _in_float64(fn, q, k, v, mask, extras, **static):
     """``fn`` on float64 copies, its results back in q's dtype: float64 holds every logit of float32 (or narrower)
     inputs, so the softmax saturates (weight on the largest logits) where the narrow product would give NaN."""
     wide = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    out = fn(q.double(), k.double(), v.double(), wide, **static)
+    extras = [t if t.dtype == torch.bool else t.double() for t in extras] if extras else extras
+    out = fn(q.double(), k.double(), v.double(), wide, extras, **static)
     return tuple(t.to(q.dtype) for t in out) if isinstance(out, tuple) else out.to(q.dtype)
 
 
-def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window=0):
+def attention_dense(q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0, score_mod=""):
     """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference."""
-    static = {"scale": scale, "causal": causal, "return_weights": return_weights, "window": window}
+    static = {"scale": scale, "causal": causal, "return_weights": return_weights, "window": window,
+              "score_mod": score_mod}  # fmt: skip
     if logits_may_overflow(q, k, scale):
-        return _in_float64(attention_dense, q, k, v, mask, **static)
+        return _in_float64(attention_dense, q, k, v, mask, extras, **static)
     k, v = expand_kv(q, k), expand_kv(q, v)
     s = torch.matmul(q * scale, k.transpose(-2, -1))
+    if score_mod:
+        s = modify(s, score_mod, extras)
     bias = logit_bias(mask, s.dtype)
     if bias is not None:
         s = s + bias
     if causal:
         s = s.masked_fill(~support_keep(*s.shape[-2:], window, s.device), float("-inf"))
-    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None or window else None
+    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None or window or score_mod else None
     if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns (finite gradients)
         s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1)
@@ -83,7 +118,9 @@ def attention_dense(q, k, v, mask=None, *, scale, causal, return_weights, window
     return (out, p) if return_weights else out
 
 
-def attention_library(q, k, v, mask=None, *, scale, causal, return_weights, window=0):
+def attention_library(q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0):
+    if extras:
+        raise ItnetError("SDPA has no place for a score modification; use the fused or dense lowering")
     if return_weights or (causal and mask is not None):
         return attention_dense(q, k, v, mask, scale=scale, causal=causal, return_weights=return_weights, window=window)
     gqa = k.shape[1] != q.shape[1]
@@ -92,14 +129,16 @@ def attention_library(q, k, v, mask=None, *, scale, causal, return_weights, wind
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, window=0, block_q=256, block_k=512):
+def attention_fused(
+    q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0, score_mod="", block_q=256, block_k=512
+):
     """Tiles of (i, j) with an online softmax (running max and sum): memory O(block_q · block_k), never O(N²).
     Causal and window supports visit only the column tiles they admit."""
     if return_weights:
         raise ItnetError("the fused lowering cannot return attention weights; use dense or library for this layer")
     if logits_may_overflow(q, k, scale):
-        static = {"scale": scale, "causal": causal, "return_weights": False, "window": window}
-        return _in_float64(attention_fused, q, k, v, mask, **static, block_q=block_q, block_k=block_k)
+        static = {"scale": scale, "causal": causal, "return_weights": False, "window": window, "score_mod": score_mod}
+        return _in_float64(attention_fused, q, k, v, mask, extras, **static, block_q=block_q, block_k=block_k)
     k, v = expand_kv(q, k), expand_kv(q, v)
     bias = logit_bias(mask, q.dtype)
     lq, lk = q.shape[-2], k.shape[-2]
@@ -115,6 +154,8 @@ def attention_fused(q, k, v, mask=None, *, scale, causal, return_weights, window
         for j0 in range(j_start, j_end, block_k):
             j1 = min(j0 + block_k, j_end)
             s = torch.matmul(qi, k[..., j0:j1, :].transpose(-2, -1))
+            if score_mod:
+                s = modify(s, score_mod, extras, i0, j0, lq, lk)
             if bias is not None:
                 s = s + _block(bias, i0, i1, j0, j1, lq, lk)
             if causal and (j1 > i0 or (window and i1 - 1 - j0 >= window)):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from . import loader, templates
+from . import loader, score_mod, templates
 
 LOG2E = 1.4426950408889634
 
@@ -51,11 +51,24 @@ class AttentionOptions:
         return replace(self, **{k: int(v) for k, v in kw.items() if v is not None})
 
 
-def kernels():
-    """The rendered module for the dot_exp family (one source for fwd, dQ and dK/dV)."""
-    holes = {"TITLE": "dot_exp fused attention", "KERNEL": templates.DOT_EXP_KERNEL}
+def kernels(mod: score_mod.ModSpec | None = None):
+    """The rendered module for the dot_exp family (one source for fwd, dQ and dK/dV), with the node's score
+    modification inlined when it has one."""
+    title = "dot_exp fused attention" + (f", score {mod.text}" if mod is not None else "")
+    holes = {"TITLE": title, **score_mod.holes(mod, templates.DOT_EXP_KERNEL)}
     source = loader.render(templates.ATTENTION, holes)
     return loader.load("dot_exp_fused", source)
+
+
+def _extras(extras, shape: tuple[int, ...]) -> tuple[list[object], list[torch.Tensor]]:
+    """Each extra expanded (zero strides) to [B, H, L_q, L_k], as kernel arguments: pointer and 4 strides."""
+    args: list[object] = []
+    views = []
+    for t in extras:
+        t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)).expand(shape)
+        views.append(t4)
+        args += [t4, *t4.stride()]
+    return args, views
 
 
 def _bias(mask: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple, int]:
@@ -123,20 +136,22 @@ def _table(blocks: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tenso
     return (blocks, tuple(blocks.stride())) if blocks is not None else (like, (0, 0, 0, 0))
 
 
-def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: AttentionOptions):
+def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: AttentionOptions, spec=None, extras=()):
     b, h, lq, d = q.shape
     lk = k.shape[2]
     group = h // k.shape[1]
     bias, bs, kind = _bias(mask, (b, h, lq, lk), q.device)
     o = torch.empty(b, h, lq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    mod = kernels()
+    lse = torch.empty(2, b * h, lq, dtype=torch.float32, device=q.device)  # row max, log2 of row sum
+    mod = kernels(spec)
+    xargs, _ = _extras(extras, (b, h, lq, lk))
+    qk_scale = scale if spec is not None else scale * LOG2E  # a score expression reads the natural-unit score
     grid = (triton.cdiv(lq, opts.block_m), b * h)
     blocks = live_tiles(mask, (b, h, lq, lk), opts.block_m, opts.block_n)
     blk, bst = _table(blocks, lse)
     mod.attention_fwd[grid](
         q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
-        h, group, lq, lk, d, scale * LOG2E, window,
+        h, group, lq, lk, d, qk_scale, window, *xargs,
         HAS_BIAS=kind, CAUSAL=causal, PREC=loader.dot_precision(q.dtype), HAS_BLOCKS=blocks is not None,
         WINDOWED=window > 0, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=opts.num_warps, num_stages=opts.num_stages,
@@ -144,7 +159,23 @@ def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: Attent
     return o, lse, bias, bs
 
 
-def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, window: int, opts: AttentionOptions):
+def backward(
+    do,
+    q,
+    k,
+    v,
+    o,
+    lse,
+    mask,
+    bias,
+    bs,
+    scale: float,
+    causal: bool,
+    window: int,
+    opts: AttentionOptions,
+    spec=None,
+    extras=(),
+):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     group = h // hkv
@@ -153,7 +184,12 @@ def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, wi
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, h, lk, d, dtype=k.dtype, device=k.device)
     dv = torch.empty(b, h, lk, d, dtype=v.dtype, device=v.device)
-    mod = kernels()
+    mod = kernels(spec)
+    xargs, _ = _extras(extras, (b, h, lq, lk))
+    qk_scale = scale if spec is not None else scale * LOG2E
+    dts = [torch.zeros(b, h, lq, lk, device=q.device, dtype=torch.float32) if need else None
+           for need in (spec.grads if spec is not None else ())]  # fmt: skip
+    gargs = [a for t in dts if t is not None for a in (t, *t.stride())]
     blocks = live_tiles(mask, (b, h, lq, lk), opts.bwd_block_m, opts.bwd_block_n)
     blk, bst = _table(blocks, lse)
     kind = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
@@ -163,36 +199,51 @@ def backward(do, q, k, v, o, lse, mask, bias, bs, scale: float, causal: bool, wi
                   num_stages=opts.bwd_num_stages)  # fmt: skip
     mod.attention_bwd_dq[(triton.cdiv(lq, opts.bwd_block_m), b * h)](
         q, k, v, bias, do, lse, delta, dq, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
-        *dq.stride(), h, group, lq, lk, d, scale * LOG2E, scale, window, **common,
+        *dq.stride(), h, group, lq, lk, d, qk_scale, scale, window, *xargs, *gargs, **common,
     )  # fmt: skip
     mod.attention_bwd_dkdv[(triton.cdiv(lk, opts.bwd_block_n), b * h)](
         q, k, v, bias, do, lse, delta, dk, dv, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *do.stride(),
-        *dk.stride(), h, group, lq, lk, d, scale * LOG2E, scale, window, **common,
+        *dk.stride(), h, group, lq, lk, d, qk_scale, scale, window, *xargs, **common,
     )  # fmt: skip
     if group > 1:
         dk = dk.view(b, hkv, group, lk, d).sum(2)
         dv = dv.view(b, hkv, group, lk, d).sum(2)
-    return dq, dk, dv
+    dextras = [None if g is None else _reduce(g, t) for g, t in zip(dts, extras, strict=True)]
+    return dq, dk, dv, dextras
+
+
+def _reduce(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """An extra's gradient from the full [B, H, L_q, L_k] one: summed over the dims it broadcast along."""
+    padded = (1,) * (4 - t.dim()) + tuple(t.shape)
+    return g.sum_to_size(padded).reshape(t.shape).to(t.dtype)
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, window, opts):
-        (o, lse, bias, bs), opts = shrinking(lambda op: forward(q, k, v, mask, scale, causal, window, op))(opts)
-        ctx.save_for_backward(q, k, v, o, lse, mask, bias)
-        ctx.meta = (bs, scale, causal, window, opts)
+    def forward(ctx, q, k, v, mask, scale, causal, window, opts, text, *extras):
+        spec = None
+        if text:
+            booleans = tuple(t.dtype == torch.bool for t in extras)
+            spec = score_mod.ModSpec(text, booleans, tuple(t.requires_grad for t in extras))
+
+        def run(op):
+            return forward(q, k, v, mask, scale, causal, window, op, spec, extras)
+
+        (o, lse, bias, bs), opts = shrinking(run)(opts)
+        ctx.save_for_backward(q, k, v, o, lse, mask, bias, *extras)
+        ctx.meta = (bs, scale, causal, window, opts, spec)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask, bias = ctx.saved_tensors
-        bs, scale, causal, window, opts = ctx.meta
+        q, k, v, o, lse, mask, bias, *extras = ctx.saved_tensors
+        bs, scale, causal, window, opts, spec = ctx.meta
 
         def run(op):
-            return backward(do, q, k, v, o, lse, mask, bias, bs, scale, causal, window, op)
+            return backward(do, q, k, v, o, lse, mask, bias, bs, scale, causal, window, op, spec, extras)
 
-        (dq, dk, dv), _ = shrinking(run)(opts)
-        return dq, dk, dv, None, None, None, None, None
+        (dq, dk, dv, dextras), _ = shrinking(run)(opts)
+        return dq, dk, dv, None, None, None, None, None, None, *dextras
 
 
 GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads in every dot_exp kernel) takes on CUDA
@@ -224,20 +275,25 @@ def operand_reason(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) 
     return None
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str | None:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, extras=()) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
     reason = operand_reason(q, v, mask)
     if reason is not None:
         return reason
+    for n, t in enumerate(extras or ()):
+        if t.dtype not in (torch.bool, torch.float32, torch.float16, torch.bfloat16) or t.dim() > 4:
+            return f"extras[{n}] of dtype {t.dtype} and rank {t.dim()} (the kernels read float or bool, rank <= 4)"
     if q.shape[0] * q.shape[1] > GRID_Y:
         return f"batch × heads above {GRID_Y} (the kernels' grid axis)"
     return None
 
 
-def fused_attention(q, k, v, mask=None, *, scale, causal, return_weights=False, window=0, **overrides):
+def fused_attention(
+    q, k, v, mask=None, extras=None, *, scale, causal, return_weights=False, window=0, score_mod="", **overrides
+):
     """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings."""
     opts = AttentionOptions.default(q.shape[-1], q.device, q.dtype).with_overrides(**overrides)
-    return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts)
+    return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts, score_mod, *(extras or ()))
 
 
 def flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool) -> float:

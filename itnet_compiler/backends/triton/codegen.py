@@ -59,8 +59,8 @@ def _no_weights(node: Node, reason: str | None) -> str | None:
 def _(node: Node, opts: dict[str, object]):
     from . import attention
 
-    def check(q, k, v, mask=None, **_: object) -> str | None:
-        return _no_weights(node, None) or attention.supported(q, k, v, mask)
+    def check(q, k, v, mask=None, extras=None, **_: object) -> str | None:
+        return _no_weights(node, None) or attention.supported(q, k, v, mask, extras)
 
     return attention.fused_attention, check
 

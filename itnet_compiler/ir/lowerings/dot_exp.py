@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from .. import score_mod
 from ..core import Node
 from ..cost import UNKNOWN, Cost, evaluate, itemsize, nbytes, out_type, role
 from ..families import DotExpAttrs
@@ -32,7 +33,15 @@ def _no_weights(attrs: DotExpAttrs, opts: object) -> str | None:
 def _approx_admits(attrs: DotExpAttrs, opts: object) -> str | None:
     if attrs.window:
         return "it has no sliding-window support; use fused, dense or library"
+    if attrs.score_mod:
+        return f"it has no place for the score modification {attrs.score_mod!r}; use fused or dense"
     return _no_weights(attrs, opts)
+
+
+def _library_admits(attrs: DotExpAttrs, opts: object) -> str | None:
+    if attrs.score_mod:
+        return f"SDPA has no place for the score modification {attrs.score_mod!r}; use fused or dense"
+    return None
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class _Attn:
     dv: sympy.Expr
     io: sympy.Expr  # bytes of q, k, v, mask and the output
     e: int
+    mod: int  # operations of the score modification per pair
     causal: bool
     keep: sympy.Expr  # the share of (i, j) pairs the support admits: 1, 1/2 (causal), exact count for window(r)
 
@@ -57,14 +67,17 @@ def _attn(node: Node) -> _Attn:
     mask = role(node, "mask")
     if mask is not None:
         io += nbytes(mask)
+    for t in node.kwargs.get("extras") or ():
+        io += nbytes(t.type)
+    mod = score_mod.ops(score_mod.parse(a.score_mod)) if a.score_mod else 0
     b, h, lq, d = q.shape
     lk = k.shape[2]
     keep = a.window_pairs(lq) / (lq * lk) if a.window else (sympy.Rational(1, 2) if a.causal else sympy.Integer(1))
-    return _Attn(b * h, lq, lk, d, v.shape[3], io, itemsize(q), a.causal, keep)
+    return _Attn(b * h, lq, lk, d, v.shape[3], io, itemsize(q), mod, a.causal, keep)
 
 
 def _softmax_flops(s: _Attn) -> sympy.Expr:
-    return 2 * s.bh * s.lq * s.lk * (s.d + s.dv) + 5 * s.bh * s.lq * s.lk
+    return 2 * s.bh * s.lq * s.lk * (s.d + s.dv) + (5 + s.mod) * s.bh * s.lq * s.lk
 
 
 @register_lowering("dot_exp", "dense", exact=True, doc="materialises the [L_q, L_k] weights (the oracle)")
@@ -73,7 +86,13 @@ def _(node, opts, tensors):
     return Cost(_softmax_flops(s), s.io + 4 * s.e * s.bh * s.lq * s.lk, sympy.Integer(0))
 
 
-@register_lowering("dot_exp", "library", exact=True, doc="torch scaled_dot_product_attention (cuDNN / flash on a GPU)")
+@register_lowering(
+    "dot_exp",
+    "library",
+    exact=True,
+    admits=_library_admits,
+    doc="torch scaled_dot_product_attention (cuDNN / flash on a GPU)",
+)
 def _(node, opts, tensors):
     s = _attn(node)
     if node.attrs.return_weights:
