@@ -224,3 +224,37 @@ def test_score_expressions_run_inside_the_triton_kernels_and_train(name: str) ->
             torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-4, atol=1e-5 * scale)
             checked += 1
     assert checked >= len(ref_params) // 2 and math.isfinite(scale)
+
+
+@pytest.mark.parametrize("name", ["bloom", "gemma2", "deberta", "swin"])
+@pytest.mark.parametrize("opset, keep", [(18, False), (23, True)])
+def test_score_expressions_export_to_onnx(name: str, opset: int, keep: bool) -> None:
+    import onnxruntime as ort
+
+    model, args, _ = _model(name)
+    model.train(False)
+    prog = itc.convert(model, args)
+    onnx_model = itc.export_onnx(prog, opset=opset, keep_transforms=keep)
+    assert keep == any(n.domain == "itnet" for n in onnx_model.graph.node)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = {v.name: x.numpy() for v, x in zip(prog.inputs, args, strict=True)}
+    got = torch.from_numpy(sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0])
+    with torch.no_grad():
+        want = _first(itc.build(prog)(*args))
+    assert _rel(got, want) <= 1e-5
+
+
+def test_score_expressions_in_a_triton_bundle(tmp_path) -> None:
+    import importlib.util
+
+    model, args, _ = _model("bloom")  # ALiBi: an extra input read by the kernels
+    model.train(False)
+    prog = itc.convert(model, args)
+    itc.export_triton(prog, tmp_path / "b")
+    spec = importlib.util.spec_from_file_location("itnet_bundle_bloom", tmp_path / "b" / "itnet_bundle.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    with torch.no_grad():
+        assert _rel(_first(launcher.load(str(tmp_path / "b"))(*args)), _first(model(*args))) <= 1e-5

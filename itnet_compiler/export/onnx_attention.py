@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ..ir import score_mod
 from ..ir.core import Node
 from .onnx_nodes import Nodes, onnx_dtype
 
@@ -53,7 +54,8 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     keep = support_keep(b, q, k, a.causal, a.window)
     # onnxruntime's Attention adds an additive mask in a way that differs from torch on rows masked with finfo.min:
     # those (HF eager masks) take the MatMul / Softmax form at every opset.
-    if opset >= 23 and not a.return_weights and a.mask != "additive":
+    extras = ins[3 + (mask is not None) :]
+    if opset >= 23 and not a.return_weights and a.mask != "additive" and not a.score_mod:
         attn_mask, causal = mask, 0
         if keep is not None and mask is None and not a.window:
             causal = 1
@@ -74,6 +76,8 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     k = _expand_heads(b, k, groups, a.heads, int(qt.shape[3]))
     v = _expand_heads(b, v, groups, a.heads, int(vt.shape[3]))
     s = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]), b.scalar(a.scale, dt)])
+    if a.score_mod:
+        s = _modify(b, score_mod.parse(a.score_mod), {"s": s, "q": q, "k": k}, extras, node, dt)
     ninf = b.scalar(float("-inf"), dt)
     if mask is not None and a.mask == "bool":
         s = b.op("Where", [mask, s, ninf])
@@ -82,7 +86,10 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     if keep is not None:
         s = b.op("Where", [keep, s, ninf])
     p = b.op("Softmax", [s], axis=-1)
-    if mask is not None or keep is not None:  # a row with no admitted column is zero (torch's safe softmax), not NaN
+    if a.score_mod:  # the expression itself may rule a whole row out (an extra holding -inf): read the scores
+        dead = b.op("Equal", [b.op("ReduceMax", [s, b.ints(-1)], keepdims=1), ninf])
+        p = b.op("Where", [dead, b.scalar(0.0, dt), p])
+    elif mask is not None or keep is not None:  # a row with no admitted column is 0 (torch's safe softmax), not NaN
         admitted = _admitted(b, mask, a.mask, keep)
         alive = b.op("ReduceMax", [b.op("Cast", [admitted], to=TensorProto.FLOAT), b.ints(-1)], keepdims=1)
         dead = b.op("Equal", [alive, b.scalar(0.0, TensorProto.FLOAT)])
@@ -91,6 +98,41 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     if a.return_weights:
         b.op("Identity", [p], out=outs[1])
     return b.nodes
+
+
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
+_UNARY = {"neg": "Neg", "tanh": "Tanh", "exp": "Exp"}
+
+
+def _modify(b: Nodes, e: score_mod.Expr, env: dict[str, str], extras: list[str], node: Node, dt: int) -> str:
+    """The score expression as ONNX ops over the scaled scores, the extras and the index ranges."""
+    if e.op == "num":
+        return b.scalar(e.value, dt)
+    if e.op == "var":
+        if e.name not in env:
+            env[e.name] = _variable(b, e.name, env, extras, node, dt)
+        return env[e.name]
+    if e.op in _BINARY:
+        return b.op(_BINARY[e.op], [_modify(b, x, env, extras, node, dt) for x in e.args])
+    if e.op in _UNARY:
+        return b.op(_UNARY[e.op], [_modify(b, e.args[0], env, extras, node, dt)])
+    cond = _modify(b, e.args[0], env, extras, node, dt)
+    return b.op("Where", [cond, *(_modify(b, x, env, extras, node, dt) for x in e.args[1:])])
+
+
+def _variable(b: Nodes, name: str, env: dict[str, str], extras: list[str], node: Node, dt: int) -> str:
+    """An extra (cast to the scores' dtype unless boolean) or an index: b [B,1,1,1], h [H,1,1], i [Lq,1], j [Lk]."""
+    if name.startswith("t"):
+        n = int(name[1:])
+        t = node.kwargs["extras"][n].type
+        same = onnx_dtype(t) in (dt, TensorProto.BOOL)
+        return extras[n] if same else b.op("Cast", [extras[n]], to=dt)
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    src, axis, shape = {"b": ("q", 0, [-1, 1, 1, 1]), "h": ("q", 1, [-1, 1, 1]), "i": ("q", 2, [-1, 1]),
+                        "j": ("k", 2, [-1])}[name]  # fmt: skip
+    size = b.op("Squeeze", [b.dim(env[src], axis)])
+    idx = b.op("Reshape", [b.op("Range", [zero, size, one]), b.ints(*shape)])
+    return b.op("Cast", [idx], to=dt)
 
 
 def _admitted(b: Nodes, mask: str | None, kind: str, keep: str | None) -> str:
