@@ -9,6 +9,7 @@ from .api import build, calibrate, convert, load, lowerings, parse, plan_program
 from .errors import ItnetError, ParseError
 from .export.api import export_mlir, export_onnx, export_triton
 from .frontend import builtin_converters as _builtin_converters  # noqa: F401  (registers nn.LSTM, nn.GRU, Mamba)
+from .frontend import rwkv as _rwkv_converter  # noqa: F401  (registers RWKV's self-attention)
 from .frontend.converters import ConverterContext, register_converter, unregister_converter
 from .ir import FAMILIES, Lowering, LoweringSpec, Node, Program, Target, Value, register_lowering
 from .ir.fields import Options, option

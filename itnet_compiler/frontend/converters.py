@@ -4,7 +4,8 @@ Some layers are best seen whole (an LSTM, a Mamba mixer, a user's own block). ``
 ``fn(ctx, module, *inputs) -> Value | list[Value]`` for a module class. During export such a module's forward is
 replaced by one opaque op ``itnet::capture`` (its output shapes come from running the original forward on fake
 tensors), and the importer then asks the converter to emit the nodes for it. Inputs arrive as IR Values in the order
-of the module call's flattened tensor arguments; the converter must return the flattened outputs in order.
+of the module call's flattened tensor arguments; the converter must return the flattened outputs in order (``None``
+leaves of the module's result, such as an unused cache slot, are neither passed through the op nor returned).
 
 A forward that cannot run on fake tensors with symbolic sizes (a Python loop over time specialises the length; torch's
 LSTM decomposition does the same) registers ``shapes``: a function that returns what the forward would return as empty
@@ -129,6 +130,7 @@ class _Capture:
     in_spec: object = None
     leaves: list[object] = field(default_factory=list)
     out_spec: object = None
+    out_none: list[bool] = field(default_factory=list)
 
 
 @torch.library.custom_op("itnet::capture", mutates_args=())
@@ -154,6 +156,8 @@ def _run_original(tensors: Sequence[torch.Tensor], key: str, fake: bool = False)
             raise
         raise ItnetError(str(e), layer=cap.path) from None
     flat, cap.out_spec = pytree.tree_flatten(out)
+    cap.out_none = [x is None for x in flat]  # None leaves (an unused cache slot) pass around the op
+    flat = [x for x in flat if x is not None]
     bad = [type(x).__name__ for x in flat if not isinstance(x, torch.Tensor)]
     if bad:
         raise ItnetError(
@@ -195,8 +199,8 @@ def _make_forward(key: str, cap: _Capture) -> Callable[..., object]:
     def forward(*args: object, **kwargs: object) -> object:
         leaves, cap.in_spec = pytree.tree_flatten((args, kwargs))
         cap.leaves = list(leaves)
-        outs = _capture_op([x for x in leaves if isinstance(x, torch.Tensor)], key)
-        return pytree.tree_unflatten(list(outs), cap.out_spec)
+        outs = iter(_capture_op([x for x in leaves if isinstance(x, torch.Tensor)], key))
+        return pytree.tree_unflatten([None if none else next(outs) for none in cap.out_none], cap.out_spec)
 
     return forward
 

@@ -10,6 +10,7 @@ from .recurrent import GatedAttrs, SsmAttrs
 from .target import TARGETS, Target, get_target  # noqa: E402
 from .types import ScalarType, TensorType
 from .verify import verify
+from .wkv import WkvAttrs
 
 __all__ = [
     "FAMILIES",
@@ -34,6 +35,7 @@ __all__ = [
     "lowerings",
     "register_lowering",
     "Weight",
+    "WkvAttrs",
     "parse",
     "parse_lowering",
     "print_program",

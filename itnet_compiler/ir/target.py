@@ -93,7 +93,13 @@ class Target:
 _CPU = Ceilings()
 # An H100/H200-class card (bf16 dense ≈ 5e14 FLOP/s reached by the best attention kernels, ≈ 3.3e12 B/s HBM).
 _GPU = Ceilings(flops_per_s=5e14, bytes_per_s=3.3e12)
-_TORCH_DEFAULTS = {"stationary": ("library",), "dot_exp": ("library",), "ssm": ("scan",), "gated": ("library",)}
+_TORCH_DEFAULTS = {
+    "stationary": ("library",),
+    "dot_exp": ("library",),
+    "ssm": ("scan",),
+    "gated": ("library",),
+    "wkv": ("scan",),
+}
 _TORCH_PREFERENCE = ("library", "fused", "fft", "dense", "scan", "chunked", "lowrank", "montecarlo")
 
 TARGETS: dict[str, Target] = {
@@ -107,7 +113,7 @@ TARGETS: dict[str, Target] = {
         "triton",
         "triton",
         "generated Triton kernels (GPU, or the CPU under TRITON_INTERPRET=1)",
-        {"stationary": ("fused",), "dot_exp": ("fused",), "ssm": ("scan",), "gated": ("scan",)},
+        {"stationary": ("fused",), "dot_exp": ("fused",), "ssm": ("scan",), "gated": ("scan",), "wkv": ("scan",)},
         ("fused", "scan", "chunked", "lowrank", "montecarlo"),
         _GPU,
         delegates=("library", "dense", "fft"),

@@ -12,6 +12,7 @@ from .montecarlo import attention_montecarlo
 from .montecarlo_conv import conv_montecarlo
 from .recurrent import gated_library, gated_scan, ssm_chunked, ssm_dense, ssm_scan
 from .registry import LOWERINGS, implementation, register
+from .wkv import wkv_chunked, wkv_scan
 
 __all__ = [
     "LOWERINGS",
@@ -35,4 +36,6 @@ __all__ = [
     "ssm_chunked",
     "ssm_dense",
     "ssm_scan",
+    "wkv_chunked",
+    "wkv_scan",
 ]
