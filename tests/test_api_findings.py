@@ -65,3 +65,32 @@ def test_dynamic_length_decoder_mask_folds_into_a_causal_support(impl) -> None:
         with torch.no_grad():
             want = model(ids).last_hidden_state
         assert (built(ids).last_hidden_state - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("window", "seq_max", "want"),
+    [(5, 64, "window(5)"), (5, None, "window(5)"), (2000, None, None), (2000, 4096, None)],
+)
+def test_dynamic_length_sliding_window_mask_folds_only_when_sure(window, seq_max, want) -> None:
+    """A sliding-window mask over a symbolic length folds into window(r); a window wider than every length the mask
+    is evaluated at would look causal there, so over a range that goes past them it stays a mask (never a wrong
+    causal support)."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                     attn_implementation="sdpa", use_cache=False)  # fmt: skip
+    model = transformers.MistralModel(cfg).train(False)
+    seq = torch.export.Dim("seq", min=2, max=seq_max) if seq_max else torch.export.Dim("seq", min=2)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    prog = itc.convert(model, (torch.randint(0, 64, (2, 9)),), dynamic_shapes={"input_ids": {0: batch, 1: seq}})
+    [node] = prog.transforms
+    if want is None:
+        assert node.attrs.mask != "none" and node.attrs.support == "full"
+    else:
+        assert (node.attrs.support, node.attrs.mask) == (want, "none")
+    built = itc.build(prog)
+    for b, length in ((2, 7), (3, 23)):
+        ids = torch.randint(0, 64, (b, length))
+        with torch.no_grad():
+            want_out = model(ids).last_hidden_state
+        assert (built(ids).last_hidden_state - want_out).abs().max() <= 1e-5 * want_out.abs().max()

@@ -203,7 +203,7 @@ def test_real_models_capture_every_attention_and_match_eager(name: str) -> None:
         assert _rel(got, want) <= 1e-5, (plan, _rel(got, want))
 
 
-@pytest.mark.parametrize("name", ["bloom", "gemma2", "deberta"])
+@pytest.mark.parametrize("name", sorted(KINDS))
 def test_score_expressions_run_inside_the_triton_kernels_and_train(name: str) -> None:
     model, args, _ = _model(name)
     model.train(False)
@@ -220,7 +220,8 @@ def test_score_expressions_run_inside_the_triton_kernels_and_train(name: str) ->
     scale = max(p.grad.abs().max().item() for p in ref_params.values() if p.grad is not None)
     checked = 0
     for pname, p in mod.gm.named_parameters():
-        if p.grad is not None and ref_params[pname].grad is not None:
+        ref_p = ref_params.get(pname)  # a tied weight has one name in the model (LongT5's embeddings)
+        if p.grad is not None and ref_p is not None and ref_p.grad is not None:
             torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-4, atol=1e-5 * scale)
             checked += 1
     assert checked >= len(ref_params) // 2 and math.isfinite(scale)

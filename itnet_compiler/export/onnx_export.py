@@ -119,6 +119,8 @@ def _role_args(node: Node, xs: list[torch.Tensor]) -> list[object]:
     for r in (r.rstrip("?") for r in node.attrs.roles):
         a = node.kwargs.get(r)
         out.append([next(it) for _ in a] if isinstance(a, (list, tuple)) else (next(it) if a is not None else None))
+    while out and out[-1] is None:  # trailing absent roles are not passed, as the torch backend calls lowerings
+        out.pop()
     return out
 
 

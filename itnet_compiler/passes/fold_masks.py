@@ -25,6 +25,7 @@ from ..ir.types import TensorType, free_symbols, numel
 _NONDETERMINISTIC = ("rand", "dropout", "bernoulli", "normal", "uniform", "empty", "multinomial", "exponential",
                      "cauchy", "geometric", "poisson", "rrelu")  # fmt: skip
 _MAX_PAIRS = 1 << 26  # larger constant masks stay masks: evaluating them costs more than it saves at compile time
+_LONGEST = 1024  # the longest length a symbolic mask is evaluated at (its pairs per batch entry: 1M)
 _DROPPED = -1e30  # additive entries at or below this admit nothing (HF writes finfo.min, SDPA users -inf)
 
 
@@ -61,20 +62,55 @@ def _symbolic_lengths(node: Node) -> bool:
 
 def _symbolic_support(prog, node, attrs, mask, producers, weights) -> str | None:
     """A mask over symbolic lengths built from sizes alone (``sym_size`` of inputs, aranges, comparisons: a
-    decoder's causal mask): evaluated at several lengths in the symbols' ranges; folded when every one gives the
-    same support."""
+    decoder's causal or sliding-window mask): evaluated at several lengths in the symbols' ranges, up to the range's
+    end or ``_LONGEST``. Folded when every length gives the same support, or a window(r) where the lengths up to r
+    look causal. When the range goes past the longest length evaluated, a window wider than it would look causal
+    there: then the mask is folded only if its computation holds no constant at least that large (a window's width
+    appears as one)."""
     syms = sorted({s for r in ("q", "k", "mask") for s in free_symbols(tensor_type(node.kwargs[r]))}, key=str)
-    found = set()
-    for trial in (3, 7, 12):
+    found: list[tuple[int, str]] = []
+    unseen = False  # some symbol's range goes past every length evaluated
+    lengths = {s for r in ("q", "k") for s in tensor_type(node.kwargs[r]).shape[2].free_symbols}
+    for trial in (3, 7, 12, _LONGEST):
         sizes = {}
         for sym in syms:
             lo, hi = prog.symbols.get(sym.name, [2, None])
-            sizes[sym] = max(int(lo or 2), min(trial, int(hi) if hi is not None else trial))
+            at = trial if sym in lengths or trial != _LONGEST else 3  # batch-like sizes stay small
+            sizes[sym] = max(int(lo or 2), min(at, int(hi) if hi is not None else at))
+            unseen = unseen or trial == _LONGEST and sym in lengths and (hi is None or int(hi) > _LONGEST)
         value = _evaluate(prog, mask, producers, weights, sizes)
-        if value is None:
+        support = _support(node, attrs, value, sizes) if value is not None else None
+        if support is None:
             return None
-        found.add(_support(node, attrs, value, sizes))
-    return found.pop() if len(found) == 1 else None
+        found.append((max(sizes.values(), default=trial), support))
+    windows = {sup for _, sup in found if sup.startswith("window")}
+    if len(windows) > 1:
+        return None
+    if windows:
+        (window,) = windows
+        r = int(window[len("window(") : -1])
+        return window if all(sup == window or (sup == "causal" and n <= r) for n, sup in found) else None
+    if len({sup for _, sup in found}) != 1:
+        return None
+    if unseen and _largest_literal(mask, producers) >= _LONGEST:
+        return None
+    return found[0][1]
+
+
+def _largest_literal(target: Value, producers: dict[Value, Node]) -> float:
+    """The largest number written as a literal argument anywhere in ``target``'s computation."""
+    best, seen, stack = 0.0, set(), [target]
+    while stack:
+        v = stack.pop()
+        node = producers.get(v)
+        if v in seen or node is None:
+            continue
+        seen.add(v)
+        flat = [x for a in (*node.args, *node.kwargs.values()) for x in (a if isinstance(a, (list, tuple)) else [a])]
+        nums = [abs(float(x)) for x in flat if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        best = max([best, *(x for x in nums if x < 2**62)])  # fills (-inf, finfo.min) and slice ends are not widths
+        stack.extend(node.input_values())
+    return best
 
 
 def _evaluate(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from ...ir import score_mod as sm
 from . import loader, score_mod, templates
 
 LOG2E = 1.4426950408889634
@@ -277,6 +278,10 @@ def operand_reason(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, extras=()) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
+    if _trained_bias(mask):  # read as one more extra (``fused_attention``), which gets its gradient
+        if len(extras or ()) >= sm.MAX_EXTRAS:
+            return f"an additive mask that needs a gradient beside {sm.MAX_EXTRAS} extras"
+        mask = None
     reason = operand_reason(q, v, mask)
     if reason is not None:
         return reason
@@ -291,9 +296,19 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def fused_attention(
     q, k, v, mask=None, extras=None, *, scale, causal, return_weights=False, window=0, score_mod="", **overrides
 ):
-    """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings."""
+    """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings. An additive mask that
+    needs a gradient (a learned position bias: T5, LongT5) is added by the score expression instead, as one more
+    extra, so the dQ kernel writes its gradient."""
+    if _trained_bias(mask):
+        extras = [*(extras or ()), mask]
+        term = f"t{len(extras) - 1}"
+        score_mod, mask = (f"({score_mod}) + {term}" if score_mod else f"s + {term}"), None
     opts = AttentionOptions.default(q.shape[-1], q.device, q.dtype).with_overrides(**overrides)
     return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts, score_mod, *(extras or ()))
+
+
+def _trained_bias(mask: torch.Tensor | None) -> bool:
+    return mask is not None and mask.dtype != torch.bool and mask.requires_grad
 
 
 def flops(b: int, h: int, lq: int, lk: int, d: int, causal: bool) -> float:
