@@ -47,7 +47,8 @@ def test_expression_text_round_trips_and_derivatives_match_autograd(text: str) -
 
 @pytest.mark.parametrize(
     "text, why",
-    [("s + __import__", "unexpected character '_'"), ("s + os", "unknown name"), ("s +", "ends early"), ("where(s, 1.0, s)", "boolean input"),
+    [("s + __import__", "unexpected character '_'"), ("s + os", "unknown name"), ("s +", "ends early"),
+     ("where(s, 1.0, s)", "boolean input"), ("s + inf", "not \\+inf"),
      ("tanh(s, s)", "takes 1"), ("s; 1", "unexpected character"), ("(" * 40 + "s" + ")" * 40, "deeper"),
      ("s + t9", "unknown name"), ("", "non-empty")],
 )  # fmt: skip
@@ -259,3 +260,83 @@ def test_score_expressions_in_a_triton_bundle(tmp_path) -> None:
     spec.loader.exec_module(launcher)
     with torch.no_grad():
         assert _rel(_first(launcher.load(str(tmp_path / "b"))(*args)), _first(model(*args))) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- hand-written chains
+_B, _H, _L, _D = 2, 3, 7, 8
+_BIAS = torch.randn(1, _H, _L, _L, generator=torch.Generator().manual_seed(1))
+_ROWBIAS = torch.randn(_B, 1, 1, _L, generator=torch.Generator().manual_seed(2))
+_COND = torch.rand(_B, 1, _L, _L, generator=torch.Generator().manual_seed(3)) < 0.3
+_EYE = torch.eye(_L, dtype=torch.bool)
+
+
+def _s(q, k):
+    return q @ k.transpose(-1, -2)
+
+
+def _neg_scale(q, k, v):
+    return torch.softmax(_s(q, k) * -0.5, -1) @ v
+
+
+def _bias_in_tanh(q, k, v):
+    return torch.softmax(torch.tanh(_s(q, k) / 3 + _BIAS) * 3, -1) @ v
+
+
+def _div_tensor(q, k, v):
+    return torch.softmax(_s(q, k) / torch.tensor(2.0) + _ROWBIAS, -1) @ v
+
+
+def _tensor_fill(q, k, v):
+    return torch.softmax(torch.where(_COND, _BIAS, _s(q, k)), -1) @ v
+
+
+def _rsub(q, k, v):
+    return torch.softmax(1.0 - _s(q, k), -1) @ v
+
+
+def _two_masks(q, k, v):
+    return torch.softmax(_s(q, k).masked_fill(_COND, float("-inf")).masked_fill(_EYE, float("-inf")), -1) @ v
+
+
+def _in_place(q, k, v):
+    return torch.softmax(_s(q, k).mul_(0.3).add_(_BIAS), -1) @ v
+
+
+def _five_d(q, k, v):
+    return torch.softmax(_s(q, k).view(1, _B, _H, _L, _L) + _BIAS[None], -1).view(_B, _H, _L, _L) @ v
+
+
+CHAINS = {
+    "negative scale": (_neg_scale, "s * (-0.5)"),
+    "bias under tanh": (_bias_in_tanh, "tanh(s + t0) * 3.0"),
+    "divide by a tensor": (_div_tensor, "s / t0"),
+    "tensor fill": (_tensor_fill, "where(t1, t0, s)"),
+    "rsub": (_rsub, "1.0 - s"),
+    "two -inf masks": (_two_masks, "where(t0, (-inf), s)"),
+    "in place": (_in_place, ""),
+    "5-d view": (_five_d, ""),
+}
+
+
+class _Chain(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, v):
+        return self.fn(q, k, v)
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_hand_written_score_chains_are_captured_exactly(name: str) -> None:
+    fn, kind = CHAINS[name]
+    q, k, v = torch.randn(3, _B, _H, _L, _D, generator=torch.Generator().manual_seed(0)).unbind(0)
+    prog = itc.convert(_Chain(fn), (q, k, v))
+    [node] = prog.transforms
+    assert node.attrs.score_mod == kind
+    want = fn(q, k, v)
+    for backend, plan in (("torch", None), ("torch", {"*": "fused"}), ("triton", None)):
+        mod = itc.build(prog, backend=backend, plan=plan)
+        assert not getattr(mod, "fallbacks", {})
+        got = mod(q, k, v)
+        assert _rel(got, want) <= 1e-5, (backend, plan, _rel(got, want))

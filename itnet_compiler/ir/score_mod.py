@@ -9,10 +9,11 @@ Grammar (the attribute's text; printed and parsed with the node)::
     expr  := term (('+' | '-') term)*
     term  := unary (('*' | '/') unary)*
     unary := '-' unary | atom
-    atom  := NUMBER | 's' | 'b' | 'h' | 'i' | 'j' | 't'DIGIT | 'tanh(' expr ')' | 'exp(' expr ')'
+    atom  := NUMBER | 'inf' | 's' | 'b' | 'h' | 'i' | 'j' | 't'DIGIT | 'tanh(' expr ')' | 'exp(' expr ')'
            | 'where(' 't'DIGIT ',' expr ',' expr ')' | '(' expr ')'
 
-``tK`` is the node's K-th ``extras`` input, read at (b, h, i, j) through broadcasting (each is broadcastable to
+``inf`` appears only negated (``-inf``: a fill that removes a pair). ``tK`` is the node's K-th ``extras`` input,
+read at (b, h, i, j) through broadcasting (each is broadcastable to
 [B, H, L_q, L_k]); in ``where(tK, a, b)`` it is a boolean input (a where true). ``b``, ``h``, ``i``, ``j`` are the
 batch, head, row and column indices. Numbers are finite decimals (``-3.4028234663852886e+38`` is ``finfo(f32).min``).
 
@@ -109,7 +110,7 @@ class _Parser:
             raise ValueError(f"score expression nested deeper than {MAX_DEPTH}")
         if self.peek() == "-":
             self.take()
-            if self.pos < len(self.toks) and self.toks[self.pos][0] == "num":
+            if self.pos < len(self.toks) and (self.toks[self.pos][0] == "num" or self.toks[self.pos][1] == "inf"):
                 return num(-self.atom(depth + 1).value)  # a negative constant, as ``text`` writes it
             return Expr("neg", (self.unary(depth + 1),))
         return self.atom(depth + 1)
@@ -121,6 +122,8 @@ class _Parser:
             if not math.isfinite(val):
                 raise ValueError(f"score expression constant {tok} is not finite")
             return num(val)
+        if tok == "inf":  # only as -inf, a fill that removes a pair (checked by ``check``)
+            return num(math.inf)
         if tok == "(":
             e = self.expr(depth + 1)
             self.take(")")
@@ -162,6 +165,8 @@ def parse(src: str) -> Expr:
     e = p.expr(0)
     if p.peek() is not None:
         raise ValueError(f"unexpected {p.peek()!r} after the score expression")
+    if _has_inf(e):
+        raise ValueError("the score expression may hold -inf (a removed pair) but not +inf")
     return e
 
 
@@ -212,6 +217,10 @@ def ops(e: Expr) -> int:
     """Arithmetic operations per (i, j) pair (tanh and exp count 4): the cost rules' per-pair term."""
     own = {"num": 0, "var": 0, "tanh": 4, "exp": 4}.get(e.op, 1)
     return own + sum(ops(a) for a in e.args)
+
+
+def _has_inf(e: Expr) -> bool:
+    return (e.op == "num" and e.value == math.inf) or any(map(_has_inf, e.args))
 
 
 def check(e: Expr, n_extras: int) -> None:

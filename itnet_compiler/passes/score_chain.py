@@ -159,8 +159,10 @@ def _fill(m: Match, n: Node, sc: Scores) -> tuple[sm.Expr, Scores] | None:
         cond, base, fill, base_first = n.args[0], n.args[1], n.args[2], True
     elif n.op == "aten.where.ScalarSelf":
         cond, fill, base, base_first = n.args[0], n.args[1], n.args[2], False
-    elif n.op == "aten.where.self":
+    elif n.op == "aten.where.self":  # where(c, a, b): the scores may be either branch
         cond, base, fill, base_first = n.args[0], n.args[1], n.args[2], True
+        if m.producer(base) is None or _tensor_fill_first(m, n, sc):
+            base, fill, base_first = fill, base, False
     else:
         return None
     ct = tt(cond)
@@ -177,6 +179,14 @@ def _fill(m: Match, n: Node, sc: Scores) -> tuple[sm.Expr, Scores] | None:
         return None
     c = sc.extra(cond, out.shape)
     return sm.Expr("where", (c, got[0], f) if base_first else (c, f, got[0])), sc
+
+
+def _tensor_fill_first(m: Match, n: Node, sc: Scores) -> bool:
+    """Whether the scores of ``where(c, a, b)`` are ``b``: ``a`` does not lead down to a product, ``b`` does."""
+    probe = Scores(steps=sc.steps)
+    if walk(m, n.args[1], False, probe) is not None:
+        return False
+    return walk(m, n.args[2], False, Scores(steps=sc.steps)) is not None
 
 
 # ------------------------------------------------------------------------------------------------ normal form
@@ -226,7 +236,8 @@ def _neg_inf(e: sm.Expr) -> bool:
 
 
 def _finite(e: sm.Expr) -> bool:
-    return (e.op != "num" or math.isfinite(e.value)) and all(map(_finite, e.args))
+    """No NaN and no +inf constant (a -inf fill inside the expression is kept: the kernels take it)."""
+    return (e.op != "num" or not (math.isnan(e.value) or e.value == math.inf)) and all(map(_finite, e.args))
 
 
 def _pull_scale(e: sm.Expr) -> tuple[float, sm.Expr]:

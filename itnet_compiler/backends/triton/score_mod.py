@@ -13,6 +13,7 @@ row whose every entry is so filled stays the uniform average eager torch gives i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ...ir import score_mod as sm
@@ -49,6 +50,8 @@ def code(e: sm.Expr) -> str:
     """The Triton expression of ``e`` over the tile's locals (sigma, b, h, ii, jj, t0..)."""
     op = e.op
     if op == "num":
+        if math.isinf(e.value):
+            return 'float("-inf")' if e.value < 0 else 'float("inf")'
         return repr(e.value) if e.value >= 0 else f"({e.value!r})"
     if op == "var":
         return {"s": "sigma", "i": "ii", "j": "jj"}.get(e.name, e.name)
