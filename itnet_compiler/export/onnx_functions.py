@@ -2,10 +2,10 @@
 
 Exact lowerings become the standard op of their family: ``dot_exp`` is ``Attention`` at opset 23 and later (MatMul /
 Softmax below, ``onnx_attention``), ``stationary`` is Conv / ConvTranspose and ``gated`` LSTM / GRU (through torch's
-exporter of the reference lowering), ``ssm`` a ``Scan`` over time (``onnx_scan``). Approximate lowerings are decomposed
-into standard ops by exporting their torch implementation alone (its random draws, seeded, become constants: that
-needs static sizes). A node no emitter maps fails with one line, unless ``fallback="trace"`` asks for its torch
-lowering decomposed the same way.
+exporter of the reference lowering), ``ssm`` and ``wkv`` a ``Scan`` over time (``onnx_scan``, ``onnx_wkv``).
+Approximate lowerings are decomposed into standard ops by exporting their torch implementation alone (its random
+draws, seeded, become constants: that needs static sizes). A node no emitter maps fails with one line, unless
+``fallback="trace"`` asks for its torch lowering decomposed the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from onnx import helper
 from ..errors import ItnetError
 from ..ir.core import Node, Value
 from ..ir.lowering import REGISTRY, LoweringSpec
-from . import draws, onnx_attention, onnx_gated, onnx_scan
+from . import draws, onnx_attention, onnx_gated, onnx_scan, onnx_wkv
 
 # Exact references the traced path exports: torch's own op for each family (never a tile loop).
 _REFERENCE = {"stationary": "library", "dot_exp": "library", "gated": "library", "ssm": "scan"}
@@ -69,6 +69,8 @@ class FunctionBuilder:
         if exact and node.family == "ssm":
             nodes = onnx_scan.emit(node, ins, outs, self.opset)
             return self._function(name, ins, outs, nodes)
+        if exact and node.family == "wkv":
+            return self._function(name, ins, outs, onnx_wkv.emit(node, ins, outs, self.opset))
         if exact and node.family == "gated":
             emit = onnx_scan.lstm_projected if node.attrs.proj_size else onnx_gated.emit
             return self._function(name, ins, outs, emit(node, ins, outs, self.opset))

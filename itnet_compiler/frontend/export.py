@@ -39,6 +39,7 @@ def export_model(
 ) -> Program:
     """Export ``model`` and import the graph. Errors from torch.export become one ItnetError line."""
     kwargs = dict(kwargs or {})
+    _settle_rescaling(model)
     with converters.capturing(model) as captured, _no_kv_cache(model):
         try:
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -47,6 +48,17 @@ def export_model(
         except Exception as e:  # torch raises many types here; the user needs one line
             raise ItnetError(f"torch.export could not trace the model ({type(e).__name__}: {_reason(e)})") from e
         return import_exported(ep, _dim_names(ep, dynamic_shapes), captured)
+
+
+def _settle_rescaling(model: torch.nn.Module) -> None:
+    """transformers' RWKV models rescale their weights in place on their first call in a mode (``_rescale_layers``,
+    whenever ``layers_are_rescaled == training``); inside export that write is a parameter mutation no program holds.
+    Do it first, as the first eager call would, so the export sees the settled weights."""
+    for m in model.modules():
+        rescale = getattr(m, "_rescale_layers", None)
+        if callable(rescale) and getattr(m, "layers_are_rescaled", None) is m.training:
+            with torch.no_grad():
+                rescale()
 
 
 @contextlib.contextmanager

@@ -105,6 +105,16 @@ def _(node: Node, opts: dict[str, object]):
     return ssd.ssd_chunked, check
 
 
+@register("wkv", "scan")
+def _(node: Node, opts: dict[str, object]):
+    from . import wkv
+
+    def check(k, v, w, u, **_: object) -> str | None:
+        return wkv.supported(k, v, w, u)
+
+    return wkv.wkv_scan, check
+
+
 @register("dot_exp", "montecarlo", MC_ATTENTION_TILES)
 def _(node: Node, opts: dict[str, object]):
     from . import montecarlo

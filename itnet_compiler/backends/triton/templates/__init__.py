@@ -12,6 +12,7 @@ from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN
 from .ssd import SSD, SSD_KERNEL
 from .ssm import SSM_KERNEL, SSM_SCAN
 from .stationary import DEPTHWISE, IMPLICIT_GEMM, STATIONARY_DEPTHWISE_KERNEL, STATIONARY_GEMM_KERNEL
+from .wkv import WKV_SCAN
 
 __all__ = [
     "ATTENTION",
@@ -28,4 +29,5 @@ __all__ = [
     "SSM_SCAN",
     "STATIONARY_DEPTHWISE_KERNEL",
     "STATIONARY_GEMM_KERNEL",
+    "WKV_SCAN",
 ]
