@@ -265,6 +265,13 @@ def test_triton_scan_matches_the_torch_scan_in_float64() -> None:
         assert rel(g, r) <= 1e-12, role
 
 
+def test_triton_scan_in_float16_agrees_with_the_torch_scan() -> None:
+    """Half inputs: both accumulate in float32 and round the output once."""
+    ins = _inputs(torch.float16, n=12)
+    got, want = _triton_scan(*ins), torch_wkv.wkv_scan(*ins)
+    assert got.dtype == torch.float16 and rel(got, want) <= 2e-3
+
+
 # ------------------------------------------------------------------------------------------- formats and the CLI
 
 
