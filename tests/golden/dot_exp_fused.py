@@ -18,8 +18,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-            WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
+            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
     """(s, g, sigma) for one tile: s = log2 K(i, j), sigma = scale·⟨q_i, k_j⟩ and g = ∂(natural logit)/∂sigma, which
     the backward multiplies into dS (1 without a score modification). MASK=False for tiles known to be in range and
     below the diagonal. TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as
@@ -75,26 +74,24 @@ def _window_lo(m0, WINDOW, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
-               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-               BLK, stb, sth, stm, stn, pid_m,
-               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               WINDOWED: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, lo, hi, BLK, stb, sth, stm, stn, pid_m,
+               K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc.
     With HAS_BLOCKS, tiles the mask rules out entirely (BLK[b, h, pid_m, tile] == 0) are skipped: they add nothing."""
     for start_n in range(lo, hi, BLOCK_N):
         if _live(BLK, b, h, pid_m, start_n // BLOCK_N, stb, sth, stm, stn, HAS_BLOCKS):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
-                                      skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                      WINDOW, HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED, BLOCK_N)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, start_n,
+                                      K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                                      HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED, BLOCK_N)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
-              skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-              WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, start_n,
+              K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
     if True:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK:
@@ -105,7 +102,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
             kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=dmask[:, None], other=0.0)
         s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED)
+                              HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -153,19 +150,16 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
         lo = _window_lo(pid_m * BLOCK_M, WINDOW, BLOCK_N)
         free = (tl.maximum(pid_m * BLOCK_M + BLOCK_M - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         free = tl.maximum(tl.minimum(free, hi), lo)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, free,
-                                   skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                   WINDOW, BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True,
-                                   WINDOWED, HAS_BLOCKS, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, lo, free,
+                                   BLK, stb, sth, stm, stn, pid_m, K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                                   HAS_BIAS, CAUSAL, PREC, True, WINDOWED, HAS_BLOCKS, BLOCK_N)
     mid = _split(free, hi, first_masked)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, free, mid,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, False, WINDOWED,
-                               HAS_BLOCKS, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m, HAS_BIAS, CAUSAL, PREC, True, WINDOWED,
-                               HAS_BLOCKS, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, free, mid,
+                               BLK, stb, sth, stm, stn, pid_m, K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                               HAS_BIAS, CAUSAL, PREC, False, WINDOWED, HAS_BLOCKS, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, mid, hi,
+                               BLK, stb, sth, stm, stn, pid_m, K, V, skb, skh, skn, skd, svb, svh, svn, svd, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
+                               HAS_BIAS, CAUSAL, PREC, True, WINDOWED, HAS_BLOCKS, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
@@ -215,7 +209,7 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
             vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
             s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                                   HAS_BIAS, CAUSAL, PREC, True, WINDOWED)
+                                  HAS_BIAS, CAUSAL, PREC, True, WINDOWED)
             p = tl.exp2((s - lse[:, None]) - lg[:, None])
             dp = tl.dot(do, vT, input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -269,7 +263,7 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
             lg = tl.load(LSE + tl.num_programs(1) * LQ + bh * LQ + offs_m, mask=rmask, other=0.0)
             delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
             sT, gT, sigT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, WINDOW,
-                                    HAS_BIAS, CAUSAL, PREC, True, WINDOWED, True)
+                                   HAS_BIAS, CAUSAL, PREC, True, WINDOWED, True)
             pT = tl.exp2((sT - lse[None, :]) - lg[None, :])
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from ...ir import score_mod as sm
+from .templates import attention as templates
 
 FMAX = 3.4028234663852886e38
 
@@ -118,10 +119,11 @@ def grad_function(spec: ModSpec) -> str:
 
 
 def holes(spec: ModSpec | None, plain_kernel: str) -> dict[str, str]:
-    """Every hole of ``templates.ATTENTION`` for this modification (None: the plain kernels)."""
+    """Every hole of ``templates.ATTENTION`` for this modification (None: the plain kernels): the argument lists
+    from the template's one signature plus the extras, and the kernel, gradient and helper holes."""
     if spec is None:
-        empty = ("MOD_PARAMS", "MOD_ARGS", "MOD_ARGS_T", "GRAD_PARAMS", "MOD_GRAD_CALL", "MOD_FUNCS")
-        return {"KERNEL": plain_kernel, **dict.fromkeys(empty, "")}
+        empty = ("MOD", "GRAD_PARAMS", "MOD_GRAD_CALL", "MOD_FUNCS")
+        return {"KERNEL": plain_kernel, **dict.fromkeys(empty, ""), **templates.signature("", "")}
     bias = plain_kernel.split("\n", 1)[1].replace("\n    g = 1.0\n    sigma = s", "")
     n = len(spec.booleans)
     grads = [k for k, need in enumerate(spec.grads) if need]
@@ -131,10 +133,9 @@ def holes(spec: ModSpec | None, plain_kernel: str) -> dict[str, str]:
         call = f"            _mod_grads(ds, sigma, offs_m, offs_n, b, h, LQ, LK,{_params(n)}{grad_params})"
     return {
         "KERNEL": kernel(spec, bias),
-        "MOD_PARAMS": _params(n),
-        "MOD_ARGS": _params(n),
-        "MOD_ARGS_T": _params(n, trans=True),
+        "MOD": _params(n),
         "GRAD_PARAMS": grad_params,
         "MOD_GRAD_CALL": call,
         "MOD_FUNCS": TANH + (grad_function(spec) if grads else ""),
+        **templates.signature(_params(n), _params(n, trans=True)),
     }

@@ -19,9 +19,8 @@ LOG2E = 1.4426950408889634
 {{MOD_FUNCS}}
 
 @triton.jit
-def _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,{{MOD_PARAMS}}
-            HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-            WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
+def _logits(q, kT, offs_m, offs_n, b, h, {{LOGITS}}
+            {{FLAG_PARAMS}}, MASK: tl.constexpr, WINDOWED: tl.constexpr, TRANS: tl.constexpr = False):
     """(s, g, sigma) for one tile: s = log2 K(i, j), sigma = scale·⟨q_i, k_j⟩ and g = ∂(natural logit)/∂sigma, which
     the backward multiplies into dS (1 without a score modification). MASK=False for tiles known to be in range and
     below the diagonal. TRANS=True computes the transposed tile sᵀ: the caller passes (k, qᵀ), the column offsets as
@@ -66,26 +65,24 @@ def _window_lo(m0, WINDOW, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, hi,
-               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-               BLK, stb, sth, stm, stn, pid_m,{{MOD_PARAMS}}
-               HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               WINDOWED: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, lo, hi, BLK, stb, sth, stm, stn, pid_m,
+               {{TILE}}
+               {{FLAG_PARAMS}}, MASK: tl.constexpr, WINDOWED: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Online normalisation over column tiles [lo, hi): running max m_i, running sum l_i, accumulator acc.
     With HAS_BLOCKS, tiles the mask rules out entirely (BLK[b, h, pid_m, tile] == 0) are skipped: they add nothing."""
     for start_n in range(lo, hi, BLOCK_N):
         if _live(BLK, b, h, pid_m, start_n // BLOCK_N, stb, sth, stm, stn, HAS_BLOCKS):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
-                                      skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                      WINDOW,{{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED, BLOCK_N)
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, start_n,
+                                      {{TILE}}
+                                      {{FLAGS}}, MASK, WINDOWED, BLOCK_N)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, start_n,
-              skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,{{MOD_PARAMS}}
-              HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-              WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, start_n,
+              {{TILE}}
+              {{FLAG_PARAMS}}, MASK: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
     if True:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if MASK:
@@ -95,8 +92,8 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
         else:
             kT = tl.load(K + b * skb + hk * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
                          mask=dmask[:, None], other=0.0)
-        s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                              {{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, MASK, WINDOWED)
+        s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, {{LOGITS}}
+                              {{FLAGS}}, MASK, WINDOWED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -117,7 +114,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, sta
 def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                   sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                  H, GROUP, LQ, LK, D, qk_scale, WINDOW,{{MOD_PARAMS}}
+                  H, GROUP, LQ, LK, D, qk_scale, WINDOW,{{MOD}}
                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                   WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -144,19 +141,16 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
         lo = _window_lo(pid_m * BLOCK_M, WINDOW, BLOCK_N)
         free = (tl.maximum(pid_m * BLOCK_M + BLOCK_M - WINDOW, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         free = tl.maximum(tl.minimum(free, hi), lo)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, lo, free,
-                                   skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale,
-                                   WINDOW, BLK, stb, sth, stm, stn, pid_m,{{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, True,
-                                   WINDOWED, HAS_BLOCKS, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, lo, free,
+                                   BLK, stb, sth, stm, stn, pid_m, {{TILE}}
+                                   {{FLAGS}}, True, WINDOWED, HAS_BLOCKS, BLOCK_N)
     mid = _split(free, hi, first_masked)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, free, mid,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m,{{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, False, WINDOWED,
-                               HAS_BLOCKS, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, K, V, BIAS, b, h, hk, offs_m, offs_d, dmask, mid, hi,
-                               skb, skh, skn, skd, svb, svh, svn, svd, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                               BLK, stb, sth, stm, stn, pid_m,{{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, True, WINDOWED,
-                               HAS_BLOCKS, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, free, mid,
+                               BLK, stb, sth, stm, stn, pid_m, {{TILE}}
+                               {{FLAGS}}, False, WINDOWED, HAS_BLOCKS, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, mid, hi,
+                               BLK, stb, sth, stm, stn, pid_m, {{TILE}}
+                               {{FLAGS}}, True, WINDOWED, HAS_BLOCKS, BLOCK_N)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rmask = offs_m < LQ
@@ -171,7 +165,7 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
 def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sbb, sbh, sbm, sbn, sob, soh, som, sod, sgb, sgh, sgm, sgd,
-                     H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,{{MOD_PARAMS}}{{GRAD_PARAMS}}
+                     H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,{{MOD}}{{GRAD_PARAMS}}
                      HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                      WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -205,8 +199,8 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
             vT = tl.load(V + b * svb + hk * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
                          mask=nmask[None, :] & dmask[:, None], other=0.0)
-            s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, BIAS, sbb, sbh, sbm, sbn, LQ, LK, qk_scale, WINDOW,
-                                  {{MOD_ARGS}} HAS_BIAS, CAUSAL, PREC, True, WINDOWED)
+            s, g, sigma = _logits(q, kT, offs_m, offs_n, b, h, {{LOGITS}}
+                                  {{FLAGS}}, True, WINDOWED)
             p = tl.exp2((s - lse[:, None]) - lg[:, None])
             dp = tl.dot(do, vT, input_precision=PREC)
             ds = p * (dp - delta[:, None])
@@ -221,7 +215,7 @@ def attention_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, BLK, stb, sth, stm, stn,
 def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm, stn,
                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        sbb, sbh, sbm, sbn, sob, soh, som, sod, sdb, sdh, sdn, sdd,
-                       H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,{{MOD_PARAMS}}
+                       H, GROUP, LQ, LK, D, qk_scale, sm_scale, WINDOW,{{MOD}}
                        HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
                        WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
@@ -259,8 +253,8 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
             lse = tl.load(LSE + bh * LQ + offs_m, mask=rmask, other=float("inf"))
             lg = tl.load(LSE + tl.num_programs(1) * LQ + bh * LQ + offs_m, mask=rmask, other=0.0)
             delta = tl.load(DELTA + bh * LQ + offs_m, mask=rmask, other=0.0)
-            sT, gT, sigT = _logits(k, qT, offs_n, offs_m, b, h, BIAS, sbb, sbh, sbn, sbm, LK, LQ, qk_scale, WINDOW,
-                                   {{MOD_ARGS_T}} HAS_BIAS, CAUSAL, PREC, True, WINDOWED, True)
+            sT, gT, sigT = _logits(k, qT, offs_n, offs_m, b, h, {{LOGITS_T}}
+                                   {{FLAGS}}, True, WINDOWED, True)
             pT = tl.exp2((sT - lse[None, :]) - lg[None, :])
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -270,6 +264,33 @@ def attention_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, BLK, stb, sth, stm
     tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=nmask[:, None] & dmask[None, :])
 '''
+
+# One signature for the tile helpers, by group: the kernels and helpers pass these through under the same names, so
+# each group is written once and rendered into every parameter and argument list (``signature``). The transposed
+# tiles of dK/dV read the bias (and the extras) with the row and column strides and the lengths swapped.
+KV_ARGS = ("K", "V", "skb", "skh", "skn", "skd", "svb", "svh", "svn", "svd")
+BIAS_ARGS = ("BIAS", "sbb", "sbh", "sbm", "sbn")
+BIAS_ARGS_T = ("BIAS", "sbb", "sbh", "sbn", "sbm")
+SIZE_ARGS = ("LQ", "LK", "qk_scale", "WINDOW")
+SIZE_ARGS_T = ("LK", "LQ", "qk_scale", "WINDOW")
+FLAG_ARGS = ("HAS_BIAS", "CAUSAL", "PREC")  # constexpr in every helper
+
+
+def signature(mod: str, mod_t: str) -> dict[str, str]:
+    """The TILE, LOGITS, LOGITS_T, FLAGS and FLAG_PARAMS holes (``mod``: the score expression's extras, each
+    entry ending in a comma; ``mod_t``: the same with row and column strides swapped)."""
+
+    def joined(*groups: tuple[str, ...]) -> str:
+        return ", ".join(name for g in groups for name in g) + ","
+
+    return {
+        "TILE": joined(KV_ARGS, BIAS_ARGS, SIZE_ARGS) + mod,
+        "LOGITS": joined(BIAS_ARGS, SIZE_ARGS) + mod,
+        "LOGITS_T": joined(BIAS_ARGS_T, SIZE_ARGS_T) + mod_t,
+        "FLAGS": ", ".join(FLAG_ARGS),
+        "FLAG_PARAMS": ", ".join(f"{f}: tl.constexpr" for f in FLAG_ARGS),
+    }
+
 
 # The dot_exp family's kernel: K(i, j) = exp(scale·⟨q_i, k_j⟩ + bias(i, j)), written in base 2. HAS_BIAS is 1 for an
 # additive mask (added to the logits) and 2 for a boolean one, read as it is (1 byte per pair): false rules j out.
