@@ -458,17 +458,23 @@ def attention_scenarios() -> list[Scenario]:
             if kind == "blocks":  # a document mask: HAS_BIAS with the live-tile table
                 doc = torch.arange(n) // 96
                 mask = doc[:, None] == doc[None, :]
-            _backward(A.fused_attention(q, k, v, mask, scale=d**-0.5, causal=causal, window=window))
+            extras, mod = None, ""
+            if kind == "softcap":  # a score expression inlined into every kernel (Gemma2)
+                causal, mod = True, "tanh(s / 50.0) * 50.0"
+            if kind == "alibi":  # an extra that needs a gradient: the dQ kernel's _mod_grads stores dS
+                causal, mod, extras = True, "s + t0", [_t(1, h, 1, n, grad=True)]
+            out = A.fused_attention(q, k, v, mask, extras, scale=d**-0.5, causal=causal, window=window, score_mod=mod)
+            _backward(out)
 
         return run
 
     out = []
-    kinds = ("full", "causal", "window", "bias", "blocks")
+    kinds = ("full", "causal", "window", "bias", "blocks", "softcap", "alibi")
     for dtype, dims, ks in ((torch.bfloat16, (64, 128, 256), kinds), (torch.float16, (128,), ("full", "causal")),
                             (torch.float32, (64, 128, 256), ("causal",))):  # fmt: skip
         for d in dims:
             for kind in ks:
-                quick = dtype == torch.bfloat16 and (d, kind) in ((128, "causal"), (256, "blocks"))
+                quick = dtype == torch.bfloat16 and (d, kind) in ((128, "causal"), (256, "blocks"), (128, "alibi"))
                 quick |= dtype == torch.float32 and d == 128
                 out.append(Scenario("attention", f"{NAMES[dtype]} d{d} {kind}", case(dtype, d, kind), quick))
     return out
