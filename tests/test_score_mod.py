@@ -340,3 +340,67 @@ def test_hand_written_score_chains_are_captured_exactly(name: str) -> None:
         assert not getattr(mod, "fallbacks", {})
         got = mod(q, k, v)
         assert _rel(got, want) <= 1e-5, (backend, plan, _rel(got, want))
+
+
+# ------------------------------------------------------------------------------------------------ attention sinks
+def test_kernel_attention_sinks_forward_and_backward() -> None:
+    """Per-head sink logits in every row's normalisation (value 0): the Triton kernels against the dense lowering
+    in float64, including a fully masked row (all weight on the sink: output 0) and the sinks' gradient."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 29, 16
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(h, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(b, 1, n, n) < 0.8
+    mask[1, 0, 4] = False
+    ref = attention_dense(q, k, v, mask, None, sinks, scale=0.3, causal=True, return_weights=False)
+    go = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, [q, k, v, sinks], go)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v, sinks)]
+    out = fused_attention(*leaves[:3], mask, None, leaves[3], scale=0.3, causal=True, block_m=16, block_n=16,
+                          bwd_block_m=16, bwd_block_n=16)  # fmt: skip
+    grads = torch.autograd.grad(out, leaves, go.float())
+    assert out[1, :, 4].abs().max() == 0
+    for got, want in zip([out, *grads], [ref, *ref_grads], strict=True):
+        assert (got.double() - want).norm() <= 1e-5 * want.norm()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpt_oss_attention_sinks_are_captured(backend: str) -> None:
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                         sliding_window=4, attn_implementation="eager", use_cache=False)  # fmt: skip
+    model = T.GptOssModel(cfg).train(False)
+    ids = torch.randint(0, 64, (2, 9))
+    prog = itc.convert(model, (ids,))
+    attn = [t for t in prog.transforms if t.family == "dot_exp"]
+    assert len(attn) == 2 and all(t.attrs.has_sinks for t in attn)
+    mod = itc.build(prog, backend=backend)
+    assert not getattr(mod, "fallbacks", {})
+    out, ref = _first(mod(ids)), _first(model(ids))
+    assert _rel(out, ref) <= 1e-5
+    if backend == "triton":  # one training step: the sinks' gradients (and every other) as eager's
+        r = torch.randn_like(ref)
+        (out * r).sum().backward()
+        (ref * r).sum().backward()
+        ref_params = dict(model.named_parameters())
+        sink_params = [(name, p) for name, p in mod.gm.named_parameters() if name.endswith("sinks")]
+        assert len(sink_params) == 2
+        for name, p in sink_params:
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gpt_oss_sinks_export_to_onnx() -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                         sliding_window=4, attn_implementation="eager", use_cache=False)  # fmt: skip
+    model = T.GptOssModel(cfg).train(False)
+    ids = torch.randint(0, 64, (2, 9))
+    prog = itc.convert(model, (ids,))
+    sess = ort.InferenceSession(itc.export_onnx(prog).SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    with torch.no_grad():
+        assert _rel(got, _first(model(ids))) <= 1e-5

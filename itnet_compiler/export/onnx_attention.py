@@ -54,8 +54,9 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
     keep = support_keep(b, q, k, a.causal, a.window)
     # onnxruntime's Attention adds an additive mask in a way that differs from torch on rows masked with finfo.min:
     # those (HF eager masks) take the MatMul / Softmax form at every opset.
-    extras = ins[3 + (mask is not None) :]
-    if opset >= 23 and not a.return_weights and a.mask != "additive" and not a.score_mod:
+    sinks = ins[-1] if a.has_sinks else None
+    extras = ins[3 + (mask is not None) : len(ins) - (sinks is not None)]
+    if opset >= 23 and not a.return_weights and a.mask != "additive" and not a.score_mod and sinks is None:
         attn_mask, causal = mask, 0
         if keep is not None and mask is None and not a.window:
             causal = 1
@@ -85,6 +86,14 @@ def emit(node: Node, ins: list[str], outs: list[str], opset: int) -> list[onnx.N
         s = b.op("Add", [s, mask])
     if keep is not None:
         s = b.op("Where", [keep, s, ninf])
+    if sinks is not None:  # a sink column in the softmax, dropped after it (its value is 0); no row is then empty
+        col = b.op("Reshape", [sinks, b.ints(1, -1, 1, 1)])
+        shape = b.op("Concat", [b.op("Shape", [s], end=3), b.ints(1)], axis=0)
+        full = b.op("Concat", [s, b.op("Expand", [b.op("Cast", [col], to=dt), shape])], axis=-1)
+        p = b.op("Softmax", [full], axis=-1)
+        p = b.op("Slice", [p, b.ints(0), b.op("Shape", [s], start=3, end=4), b.ints(-1)])
+        b.op("MatMul", [p, v], out=outs[0])
+        return b.nodes
     p = b.op("Softmax", [s], axis=-1)
     if a.score_mod:  # the expression itself may rule a whole row out (an extra holding -inf): read the scores
         dead = b.op("Equal", [b.op("ReduceMax", [s, b.ints(-1)], keepdims=1), ninf])

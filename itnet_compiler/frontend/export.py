@@ -64,16 +64,24 @@ def _settle_rescaling(model: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def _no_kv_cache(model: torch.nn.Module):
     """A transformers model whose config asks for a KV cache returns a cache object, which no export can hold:
-    convert it with ``config.use_cache = False`` (restored afterwards). The CLI does the same."""
+    convert it with ``config.use_cache = False`` (restored afterwards). The CLI does the same. Likewise mixture-of-
+    experts layers set to ``grouped_mm`` (transformers' default) run a custom op that loops over a data-dependent
+    split on the CPU: they are exported with ``batched_mm``, the same products as one batched matmul (restored)."""
     cfg = getattr(model, "config", None)
     on = getattr(cfg, "use_cache", None) is True
     if on:
         cfg.use_cache = False
+    grouped = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_experts_implementation", None) == "grouped_mm"}  # fmt: skip
+    for c in grouped.values():
+        c._experts_implementation = "batched_mm"
     try:
         yield
     finally:
         if on:
             cfg.use_cache = True
+        for c in grouped.values():
+            c._experts_implementation = "grouped_mm"
 
 
 def _reason(e: BaseException) -> str:

@@ -11,7 +11,10 @@ Input layouts (fixed by the recognisers, relied upon by every backend):
   and the normalised weights [B, H, L_q, L_k] as a second output when ``return_weights``. ``causal`` support is
   aligned top-left (row i sees columns j <= i), as ``F.scaled_dot_product_attention(is_causal=True)``; ``window(r)``
   support is the causal sliding window of r columns (i - r < j <= i, Mistral's and Gemma's local layers). A row that
-  admits no column at all (fully masked) attends to nothing: its output is 0, as SDPA returns.
+  admits no column at all (fully masked) attends to nothing: its output is 0, as SDPA returns. Optional ``extras``
+  (a list) are read by the ``score_mod`` expression (``ir/score_mod.py``); optional ``sinks`` [H] are attention
+  sinks (gpt-oss): a per-head logit that joins every row's normalisation with a value of 0,
+  y_i = Σ_j e^{s_ij} v_j / (e^{sink} + Σ_j e^{s_ij}).
 """
 
 from __future__ import annotations
@@ -201,10 +204,12 @@ class DotExpAttrs(FamilyAttrs):
     """K(i, j) = exp(scale·⟨q_i, k_j⟩ + b(i, j)), normalised over j: every softmax attention."""
 
     family: ClassVar[str] = "dot_exp"
-    roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?", "extras?")
+    roles: ClassVar[tuple[str, ...]] = ("q", "k", "v", "mask?", "extras?", "sinks?")
     scale: float = 1.0
     # m(s, b, h, i, j, t0..): the score modification between scale·⟨q, k⟩ and the mask (ir/score_mod.py); "" = s.
     score_mod: str = dataclasses.field(default="", metadata={"omit_default": True})
+    # a ``sinks`` input [H]: per-head logits in every row's normalisation with a zero value (gpt-oss)
+    has_sinks: bool = dataclasses.field(default=False, metadata={"omit_default": True})
     kv_heads: int = at_least(1, 1)
     mask: str = one_of("none", "bool", "additive")
     return_weights: bool = False
@@ -243,6 +248,13 @@ class DotExpAttrs(FamilyAttrs):
         if sympy.simplify(q.shape[3] - k.shape[3]) != 0 or sympy.simplify(k.shape[2] - v.shape[2]) != 0:
             raise ValueError(f"q {q}, k {k} and v {v} do not agree on head dim or length")
         self._check_mod(node)
+        sinks = node.kwargs.get("sinks")
+        if (sinks is not None) != self.has_sinks:
+            raise ValueError("has_sinks must say whether the node has a sinks input")
+        if sinks is not None:
+            st = getattr(sinks, "type", None)
+            if not isinstance(st, TensorType) or st.rank != 1 or sympy.simplify(st.shape[0] - self.heads) != 0:
+                raise ValueError(f"sinks must be [{self.heads}] (one logit per head), not {st}")
         has_mask = node.kwargs.get("mask") is not None
         if has_mask != (self.mask != "none"):
             raise ValueError(f"mask attribute {self.mask!r} does not match the mask input")
@@ -300,4 +312,6 @@ class DotExpAttrs(FamilyAttrs):
             parts.append(f"{self.mask} mask")
         if self.score_mod:
             parts.append(f"score {self.score_mod}")
+        if self.has_sinks:
+            parts.append("attention sinks")
         return ", ".join(parts)

@@ -155,6 +155,7 @@ class _Spec:
     causal: bool = False
     mod: str = ""  # the score expression (ir/score_mod.py) over the extras
     extras: list[Value] = field(default_factory=list)
+    sinks: Value | None = None  # per-head sink logits [H]
 
 
 def _chain(m: Match) -> Rewrite | None:
@@ -164,10 +165,19 @@ def _chain(m: Match) -> Rewrite | None:
     hops = [p_val]
     cur = m.producer(p_val)
     viewed = False  # the weights pass through views of their leading dims (3-d <-> 4-d <-> 5-d layouts)
-    while cur is not None and (cur.op in _PASSTHROUGH or cur.op in _DROPOUT or cur.op in _RESHAPE):
+    zeroed = None  # masked_fill(P, c, 0) after the softmax: rows c rules out entirely become 0 (SEW-D, DeBERTa v1)
+    sliced = None  # P[..., :L_k] after a softmax over [scores, sink column] (attention sinks, gpt-oss)
+    while cur is not None and (cur.op in _PASSTHROUGH or cur.op in _DROPOUT or cur.op in _RESHAPE or _zeroes(cur)
+                               or (sliced is None and _drops_last_column(cur))):  # fmt: skip
         if cur.op in _RESHAPE and not score_chain._leading_view(cur):
             return None
-        if cur.op not in _RESHAPE and not _is_identity(cur):
+        if cur.op == "aten.slice.Tensor":
+            sliced = cur
+        elif _zeroes(cur):
+            if zeroed is not None:
+                return None
+            zeroed = cur.args[1]
+        elif cur.op not in _RESHAPE and not _is_identity(cur):
             return None
         viewed = viewed or cur.op in _RESHAPE
         hops.append(cur.args[0])
@@ -177,21 +187,83 @@ def _chain(m: Match) -> Rewrite | None:
     # Every hop but the last feeds exactly one reader; extra readers of the final weights are returned.
     if any(m.n_uses(h) != 1 for h in hops[1:]):
         return None
-    scores = None if viewed else _scores(m, cur.args[0])
-    if scores is None:
-        return None if m.n_uses(p_val) > 1 else _modified(m, cur.args[0], v)
-    q, kT, spec = scores
-    weights = p_val if m.n_uses(p_val) > 1 else None
-    if weights is not None and not _read_after(m, weights):
+    if sliced is not None:
+        split = _sink_split(m, cur.args[0], _tt(sliced.outputs[0]).shape[-1])
+        if split is None or m.n_uses(p_val) > 1:
+            return None
+        return _modified(m, split[0], v, zeroed, sinks=split[1:])
+    scores = None if viewed or zeroed is not None else _scores(m, cur.args[0])
+    if scores is not None:
+        q, kT, spec = scores
+        weights = p_val if m.n_uses(p_val) > 1 else None
+        if weights is not None and not _read_after(m, weights):
+            return None
+        built = _build(m, q, kT, v, spec, weights)
+        if built is not None or weights is not None:
+            return built
+    return None if m.n_uses(p_val) > 1 else _modified(m, cur.args[0], v, zeroed)
+
+
+def _zeroes(n: Node) -> bool:
+    """``masked_fill(P, c, 0)`` on same-shape weights with a boolean c."""
+    if n.op not in _FILL_DROP or n.args[2] not in (0, 0.0) or _tt(n.args[1]) is None:
+        return False
+    return _tt(n.args[1]).dtype == torch.bool and _same_shape(n.args[0], n.outputs[0])
+
+
+def _drops_last_column(n: Node) -> bool:
+    """``slice(P, -1, 0, L - 1)`` of weights over L columns: the sink column dropped after the softmax."""
+    if n.op != "aten.slice.Tensor" or len(n.args) < 4:
+        return False
+    src, out = _tt(n.args[0]), _tt(n.outputs[0])
+    dim = n.args[1] % src.rank if src is not None and isinstance(n.args[1], int) else None
+    if dim != src.rank - 1 or n.args[2] != 0 or (len(n.args) > 4 and n.args[4] != 1):
+        return False
+    return src.shape[:-1] == out.shape[:-1] and sympy.simplify(src.shape[-1] - out.shape[-1] - 1) == 0
+
+
+def _sink_split(m: Match, logits: Value, lk: sympy.Expr) -> tuple[Value, Value, list[Node]] | None:
+    """``cat([scores, sinks viewed as [1, H, 1, 1] and expanded], -1)``, optionally shifted by its row max: the
+    scores, the per-head sink logits and the nodes of their [H] view (none when they are one already)."""
+    x = logits
+    n = m.producer(x)
+    if n is not None and n.op in ("aten.sub.Tensor",) and score_chain._minus_row_max(m, n):
+        x = n.args[0]
+        n = m.producer(x)
+    if n is None or n.op != "aten.cat.default" or len(n.args[0]) != 2:
         return None
-    return _build(m, q, kT, v, spec, weights)
+    rank = _tt(x).rank
+    if (n.args[1] if len(n.args) > 1 else 0) % rank != rank - 1:
+        return None
+    scores, col = n.args[0]
+    st, ct = _tt(scores), _tt(col)
+    if st is None or ct is None or st.shape[-1] != lk or ct.shape[-1] != 1 or st.shape[:-1] != ct.shape[:-1]:
+        return None
+    heads = ct.shape[-3] if ct.rank >= 3 else sympy.Integer(1)
+    base = col
+    while (p := m.producer(base)) is not None and p.op in ("aten.expand.default", *_RESHAPE, *_PASSTHROUGH):
+        base = p.args[0]
+    bt = _tt(base)
+    if bt is None or not heads.is_Integer or sympy.simplify(sympy.Mul(*bt.shape) - heads) != 0 or bt.dtype != st.dtype:
+        return None
+    if bt.rank >= 3 and bt.shape[-3] != heads:
+        return None  # the H entries must lie along the head dim
+    if bt.shape == (heads,):
+        return scores, base, []
+    flat = Value(m.fresh(base.name + "_h"), TensorType(bt.dtype, (heads,)))
+    return scores, flat, [Node("aten.reshape.default", [base, [int(heads)]], {}, [flat], None, m.node.layer)]
 
 
-def _modified(m: Match, logits: Value, v: Value) -> Rewrite | None:
+def _modified(
+    m: Match, logits: Value, v: Value, zeroed: Value | None = None, sinks: tuple[Value, list[Node]] | None = None
+) -> Rewrite | None:
     """The chain as scale, score expression, extras and one outermost mask (``score_chain``), in any layout whose
-    leading dims regroup [B, H]."""
+    leading dims regroup [B, H]. ``zeroed``: the condition of a ``masked_fill(P, c, 0)`` after the softmax, which with
+    a ``finfo.min`` fill of the same c before it is exactly a boolean mask (a row c rules out entirely is 0)."""
     got = score_chain.walk(m, logits)
     form = score_chain.normal_form(*got) if got is not None else None
+    if form is not None and zeroed is not None:
+        form = score_chain.as_drop_mask(form, zeroed)
     text = score_chain.expression_text(form.expr) if form is not None else None
     if text is None:
         return None
@@ -216,8 +288,12 @@ def _modified(m: Match, logits: Value, v: Value) -> Rewrite | None:
     mask = lay.broadcast(*form.mask) if form.mask is not None else None
     if None in extras or (form.mask is not None and mask is None):
         return None
-    spec = _Spec(scale=form.scale, mask=mask, drop=form.drop, mod=text, extras=extras)
-    return _emit(m, q4, k4, v4, spec, lay.pre, None, three=False, layout=lay)
+    sink, sink_nodes = sinks if sinks is not None else (None, [])
+    if sink is not None and int(heads) != int(_tt(sink).shape[0]):
+        return None
+    spec = _Spec(scale=form.scale, mask=mask, drop=form.drop, mod=text, extras=extras, sinks=sink)
+    pre = [*sink_nodes, *lay.pre]
+    return _emit(m, q4, k4, v4, spec, pre, None, three=False, layout=lay)
 
 
 def _untranspose(m: Match, kT: Value, lay: score_chain.Layout) -> Value:
@@ -437,12 +513,15 @@ def _emit(
         support="causal" if spec.causal else "full",
         return_weights=weights is not None,
         score_mod=spec.mod,
+        has_sinks=spec.sinks is not None,
     )
     inputs: dict[str, object] = {"q": q, "k": k, "v": v}
     if mask is not None:
         inputs["mask"] = mask
     if spec.extras:
         inputs["extras"] = list(spec.extras)
+    if spec.sinks is not None:
+        inputs["sinks"] = spec.sinks
     t = Node(TRANSFORM, [], inputs, outs, attrs, layer)
     nodes = [*pre, t]
     if layout is not None:

@@ -37,7 +37,8 @@ _ADD = ("aten.add.Tensor", "aten.add_.Tensor", "aten.add.Scalar")
 _SUB = ("aten.sub.Tensor", "aten.sub_.Tensor", "aten.sub.Scalar", "aten.rsub.Scalar", "aten.rsub.Tensor")
 _MUL = ("aten.mul.Tensor", "aten.mul_.Tensor", "aten.mul.Scalar")
 _DIV = ("aten.div.Tensor", "aten.div_.Tensor", "aten.div.Scalar")
-_FILL = ("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar")
+_FILL = ("aten.masked_fill.Scalar", "aten.masked_fill_.Scalar", "aten.masked_fill.Tensor", "aten.masked_fill_.Tensor")
+_ROWMAX = ("aten.amax.default", "aten.max.dim")
 MAX_OPS = 64
 
 
@@ -104,9 +105,30 @@ def walk(m: Match, v: Value, root: bool = True, sc: Scores | None = None) -> tup
         return (sm.Expr("tanh", (got[0],)), sc) if got else None
     if n.op in _FILL or n.op.startswith("aten.where."):
         return _fill(m, n, sc)
+    if n.op in _SUB and _minus_row_max(m, n):
+        return walk(m, n.args[0], root, sc)  # softmax(x - max_j x) = softmax(x): a shift per row
     if n.op in _ADD + _SUB + _MUL + _DIV:
         return _binary(m, n, sc)
     return None
+
+
+def _minus_row_max(m: Match, n: Node) -> bool:
+    """``x - amax(x, -1, keepdim)`` (or ``max.dim``'s values), ``x`` itself a walkable score: the stabilising shift
+    eager code writes before a softmax, which the node's normalisation already does. Only where the result feeds
+    the softmax directly (the walk's root and what it reaches through shifts), where a per-row shift is exact."""
+    x, y = n.args[0], n.args[1]
+    if len(n.args) > 2 or n.kwargs.get("alpha", 1) != 1 or tt(y) is None or tt(x) is None:
+        return False
+    p = m.producer(y)
+    if p is not None and p.op == "aten.detach.default":
+        p = m.producer(p.args[0])
+    if p is not None and p.op == "operator.getitem" and p.args[1] == 0:
+        p = m.producer(p.args[0])
+    if p is None or p.op not in _ROWMAX or p.args[0] is not x:
+        return False
+    dims = p.args[1] if len(p.args) > 1 else None
+    keep = p.args[2] if len(p.args) > 2 else p.kwargs.get("keepdim", False)
+    return dims in (-1, [-1], tt(x).rank - 1, [tt(x).rank - 1]) and keep is True
 
 
 def _binary(m: Match, n: Node, sc: Scores) -> tuple[sm.Expr, Scores] | None:
@@ -171,8 +193,9 @@ def _fill(m: Match, n: Node, sc: Scores) -> tuple[sm.Expr, Scores] | None:
     got = walk(m, base, False, sc)
     if got is None:
         return None
-    if _number(fill):
-        f = sm.num(fill)
+    const = _constant_scalar(m, fill)
+    if _number(fill) or const is not None:
+        f = sm.num(fill if const is None else const)
     elif tt(fill) is not None and tt(fill).dtype != torch.bool:
         f = sc.extra(fill, out.shape)
     else:
@@ -187,6 +210,25 @@ def _tensor_fill_first(m: Match, n: Node, sc: Scores) -> bool:
     if walk(m, n.args[1], False, probe) is not None:
         return False
     return walk(m, n.args[2], False, Scores(steps=sc.steps)) is not None
+
+
+_COPIES = ("aten.detach.default", "aten.detach_.default", "aten.lift_fresh_copy.default", "aten.clone.default",
+           "aten.alias.default")  # fmt: skip
+
+
+def _constant_scalar(m: Match, v: object) -> float | None:
+    """The value of a 0-d tensor that is a program constant seen through copies (``torch.tensor(finfo.min)`` as a
+    masked_fill value exports as ``detach_(lift_fresh_copy(c))``); None otherwise."""
+    t = tt(v)
+    if t is None or t.rank != 0:
+        return None
+    while (p := m.producer(v)) is not None and p.op in _COPIES:
+        v = p.args[0]
+    weight = next((w for w in m.prog.weights if w.value is v), None)
+    if weight is None or weight.kind != "const" or weight.key not in m.prog.tensors:
+        return None
+    value = m.prog.tensors[weight.key]
+    return float(value) if value.numel() == 1 and value.is_floating_point() else None
 
 
 # ------------------------------------------------------------------------------------------------ normal form
@@ -221,6 +263,20 @@ def normal_form(e: sm.Expr, sc: Scores) -> Logits | None:
     if not _finite(e) or len(used) > sm.MAX_EXTRAS:
         return None
     return Logits(scale, e, [extras[i] for i in used], mask, drop)
+
+
+def as_drop_mask(form: Logits, cond: Value) -> Logits | None:
+    """``where(c, v, x)`` at the root with v ≤ -1e30 (``finfo.min``) and the weights zeroed where c after the
+    softmax: the node's boolean drop mask c over x (fully masked rows are 0 either way, others see exp(v - max) = 0)."""
+    e = form.expr
+    if form.mask is not None or e.op != "where" or e.args[1].op != "num" or e.args[1].value > -1e30:
+        return None
+    n = int(e.args[0].name[1:])
+    if form.extras[n][0] is not cond or n in sm.extras(e.args[2]):
+        return None
+    keep = [i for i in range(len(form.extras)) if i != n]
+    names = {f"t{old}": f"t{new}" for new, old in enumerate(keep)}
+    return Logits(form.scale, _rename(e.args[2], names), [form.extras[i] for i in keep], form.extras[n], True)
 
 
 def _is_extra(e: sm.Expr) -> bool:

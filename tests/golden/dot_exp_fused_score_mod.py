@@ -158,9 +158,10 @@ def _fwd_tile(acc, m_i, l_i, q, b, h, hk, offs_m, offs_d, dmask, start_n,
 def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                   sbb, sbh, sbm, sbn, sob, soh, som, sod,
-                  H, GROUP, LQ, LK, D, qk_scale, WINDOW, T0, t0sb, t0sh, t0sm, t0sn, T1, t1sb, t1sh, t1sm, t1sn,
+                  H, GROUP, LQ, LK, D, qk_scale, WINDOW, SINK, T0, t0sb, t0sh, t0sm, t0sn, T1, t1sb, t1sh, t1sm, t1sn,
                   HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, HAS_BLOCKS: tl.constexpr,
-                  WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_SINK: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit (batch, head) bases: q, k, v may pass 2³¹ elements
     b = bh // H
@@ -173,6 +174,9 @@ def attention_fwd(Q, K, V, BIAS, O, LSE, BLK, stb, sth, stm, stn,
                 mask=(offs_m[:, None] < LQ) & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINK:  # an attention sink starts every row: its logit in the max, e^0 = 1 in the sum, a zero value
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINK + h).to(tl.float32) * LOG2E
+        l_i = tl.zeros([BLOCK_M], tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = LK
     first_masked = (LK // BLOCK_N) * BLOCK_N

@@ -84,21 +84,25 @@ def logits_may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
     return nq * nk > limit  # NaN inputs compare False: float64 would not help them
 
 
-def _in_float64(fn, q, k, v, mask, extras, **static):
+def _in_float64(fn, q, k, v, mask, extras, sinks=None, **static):
     """``fn`` on float64 copies, its results back in q's dtype: float64 holds every logit of float32 (or narrower)
     inputs, so the softmax saturates (weight on the largest logits) where the narrow product would give NaN."""
     wide = mask if mask is None or mask.dtype == torch.bool else mask.double()
     extras = [t if t.dtype == torch.bool else t.double() for t in extras] if extras else extras
-    out = fn(q.double(), k.double(), v.double(), wide, extras, **static)
+    sinks = sinks.double() if sinks is not None else None
+    out = fn(q.double(), k.double(), v.double(), wide, extras, sinks, **static)
     return tuple(t.to(q.dtype) for t in out) if isinstance(out, tuple) else out.to(q.dtype)
 
 
-def attention_dense(q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0, score_mod=""):
-    """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference."""
+def attention_dense(
+    q, k, v, mask=None, extras=None, sinks=None, *, scale, causal, return_weights, window=0, score_mod=""
+):
+    """Materialise the full [B, H, L_q, L_k] kernel: O(N²) memory, the reference. ``sinks`` [H]: a per-head logit
+    in every row's softmax with a zero value (its column is dropped after the softmax, as gpt-oss does)."""
     static = {"scale": scale, "causal": causal, "return_weights": return_weights, "window": window,
               "score_mod": score_mod}  # fmt: skip
     if logits_may_overflow(q, k, scale):
-        return _in_float64(attention_dense, q, k, v, mask, extras, **static)
+        return _in_float64(attention_dense, q, k, v, mask, extras, sinks, **static)
     k, v = expand_kv(q, k), expand_kv(q, v)
     s = torch.matmul(q * scale, k.transpose(-2, -1))
     if score_mod:
@@ -108,19 +112,25 @@ def attention_dense(q, k, v, mask=None, extras=None, *, scale, causal, return_we
         s = s + bias
     if causal:
         s = s.masked_fill(~support_keep(*s.shape[-2:], window, s.device), float("-inf"))
-    empty = s.amax(dim=-1, keepdim=True) == float("-inf") if bias is not None or window or score_mod else None
+    if sinks is not None:  # the sink column never empties a row
+        s = torch.cat([s, sinks.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    empty = None
+    if sinks is None and (bias is not None or window or score_mod):
+        empty = s.amax(dim=-1, keepdim=True) == float("-inf")
     if empty is not None:  # a row with no admitted column attends to nothing: 0, as SDPA returns (finite gradients)
         s = s.masked_fill(empty, 0.0)
     p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
     if empty is not None:
         p = p.masked_fill(empty, 0.0)  # out of place: softmax backward reads its output
     out = torch.matmul(p, v)
     return (out, p) if return_weights else out
 
 
-def attention_library(q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0):
-    if extras:
-        raise ItnetError("SDPA has no place for a score modification; use the fused or dense lowering")
+def attention_library(q, k, v, mask=None, extras=None, sinks=None, *, scale, causal, return_weights, window=0):
+    if extras or sinks is not None:
+        raise ItnetError("SDPA has no place for a score modification or sinks; use the fused or dense lowering")
     if return_weights or (causal and mask is not None):
         return attention_dense(q, k, v, mask, scale=scale, causal=causal, return_weights=return_weights, window=window)
     gqa = k.shape[1] != q.shape[1]
@@ -130,15 +140,16 @@ def attention_library(q, k, v, mask=None, extras=None, *, scale, causal, return_
 
 
 def attention_fused(
-    q, k, v, mask=None, extras=None, *, scale, causal, return_weights, window=0, score_mod="", block_q=256, block_k=512
-):
+    q, k, v, mask=None, extras=None, sinks=None, *, scale, causal, return_weights, window=0, score_mod="",
+    block_q=256, block_k=512,
+):  # fmt: skip
     """Tiles of (i, j) with an online softmax (running max and sum): memory O(block_q · block_k), never O(N²).
     Causal and window supports visit only the column tiles they admit."""
     if return_weights:
         raise ItnetError("the fused lowering cannot return attention weights; use dense or library for this layer")
     if logits_may_overflow(q, k, scale):
         static = {"scale": scale, "causal": causal, "return_weights": False, "window": window, "score_mod": score_mod}
-        return _in_float64(attention_fused, q, k, v, mask, extras, **static, block_q=block_q, block_k=block_k)
+        return _in_float64(attention_fused, q, k, v, mask, extras, sinks, **static, block_q=block_q, block_k=block_k)
     k, v = expand_kv(q, k), expand_kv(q, v)
     bias = logit_bias(mask, q.dtype)
     lq, lk = q.shape[-2], k.shape[-2]
@@ -148,6 +159,9 @@ def attention_fused(
         qi = q[..., i0:i1, :] * scale
         m_run = torch.full(qi.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
         l_run = torch.zeros_like(m_run)
+        if sinks is not None:  # the sink starts every row's running max and sum: e^{sink - sink} = 1, value 0
+            m_run = sinks.to(q.dtype).view(1, -1, 1).expand_as(m_run).clone()
+            l_run = torch.ones_like(m_run)
         acc = torch.zeros(*qi.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         j_end = min(lk, i1) if causal else lk
         j_start = max(0, i0 - window + 1) if window else 0

@@ -137,7 +137,9 @@ def _table(blocks: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tenso
     return (blocks, tuple(blocks.stride())) if blocks is not None else (like, (0, 0, 0, 0))
 
 
-def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: AttentionOptions, spec=None, extras=()):
+def forward(
+    q, k, v, mask, scale: float, causal: bool, window: int, opts: AttentionOptions, spec=None, extras=(), sinks=None
+):
     b, h, lq, d = q.shape
     lk = k.shape[2]
     group = h // k.shape[1]
@@ -152,10 +154,10 @@ def forward(q, k, v, mask, scale: float, causal: bool, window: int, opts: Attent
     blk, bst = _table(blocks, lse)
     mod.attention_fwd[grid](
         q, k, v, bias, o, lse, blk, *bst, *q.stride(), *k.stride(), *v.stride(), *bs, *o.stride(),
-        h, group, lq, lk, d, qk_scale, window, *xargs,
+        h, group, lq, lk, d, qk_scale, window, sinks if sinks is not None else lse, *xargs,
         HAS_BIAS=kind, CAUSAL=causal, PREC=loader.dot_precision(q.dtype), HAS_BLOCKS=blocks is not None,
-        WINDOWED=window > 0, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        num_warps=opts.num_warps, num_stages=opts.num_stages,
+        WINDOWED=window > 0, HAS_SINK=sinks is not None, BLOCK_M=opts.block_m, BLOCK_N=opts.block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=opts.num_warps, num_stages=opts.num_stages,
     )  # fmt: skip
     return o, lse, bias, bs
 
@@ -210,7 +212,7 @@ def backward(
         dk = dk.view(b, hkv, group, lk, d).sum(2)
         dv = dv.view(b, hkv, group, lk, d).sum(2)
     dextras = [None if g is None else _reduce(g, t) for g, t in zip(dts, extras, strict=True)]
-    return dq, dk, dv, dextras
+    return dq, dk, dv, dextras, delta
 
 
 def _reduce(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -219,32 +221,43 @@ def _reduce(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return g.sum_to_size(padded).reshape(t.shape).to(t.dtype)
 
 
+def _sink_grad(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, b: int, h: int) -> torch.Tensor:
+    """d loss / d sink_h = -Σ_{b,i} p_sink(b, h, i)·delta(b, h, i): the sink's softmax weight times the row's
+    (dO·O) (its value is 0), with p_sink = exp2(sink·log2e - m_i - log2 l_i) from the forward's two LSE planes."""
+    m, lg = lse[0].view(b, h, -1), lse[1].view(b, h, -1)
+    p = torch.exp2(sinks.float().view(1, h, 1) * LOG2E - m - lg)
+    return -(p * delta.view(b, h, -1)).sum((0, 2)).to(sinks.dtype)
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, window, opts, text, *extras):
+    def forward(ctx, q, k, v, mask, scale, causal, window, opts, text, sinks, *extras):
         spec = None
         if text:
             booleans = tuple(t.dtype == torch.bool for t in extras)
             spec = score_mod.ModSpec(text, booleans, tuple(t.requires_grad for t in extras))
 
         def run(op):
-            return forward(q, k, v, mask, scale, causal, window, op, spec, extras)
+            return forward(q, k, v, mask, scale, causal, window, op, spec, extras, sinks)
 
         (o, lse, bias, bs), opts = shrinking(run)(opts)
-        ctx.save_for_backward(q, k, v, o, lse, mask, bias, *extras)
+        ctx.save_for_backward(q, k, v, o, lse, mask, bias, sinks, *extras)
         ctx.meta = (bs, scale, causal, window, opts, spec)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask, bias, *extras = ctx.saved_tensors
+        q, k, v, o, lse, mask, bias, sinks, *extras = ctx.saved_tensors
         bs, scale, causal, window, opts, spec = ctx.meta
 
         def run(op):
             return backward(do, q, k, v, o, lse, mask, bias, bs, scale, causal, window, op, spec, extras)
 
-        (dq, dk, dv, dextras), _ = shrinking(run)(opts)
-        return dq, dk, dv, None, None, None, None, None, None, *dextras
+        (dq, dk, dv, dextras, delta), _ = shrinking(run)(opts)
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[9]:
+            dsinks = _sink_grad(sinks, lse, delta, q.shape[0], q.shape[1])
+        return dq, dk, dv, None, None, None, None, None, None, dsinks, *dextras
 
 
 GRID_Y = 65535  # the most programs a launch grid's second axis (batch · heads in every dot_exp kernel) takes on CUDA
@@ -276,7 +289,7 @@ def operand_reason(q: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) 
     return None
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, extras=()) -> str | None:
+def supported(q, k, v, mask=None, extras=(), sinks=None) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
     if _trained_bias(mask):  # read as one more extra (``fused_attention``), which gets its gradient
         if len(extras or ()) >= sm.MAX_EXTRAS:
@@ -294,8 +307,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def fused_attention(
-    q, k, v, mask=None, extras=None, *, scale, causal, return_weights=False, window=0, score_mod="", **overrides
-):
+    q, k, v, mask=None, extras=None, sinks=None, *, scale, causal, return_weights=False, window=0, score_mod="",
+    **overrides,
+):  # fmt: skip
     """The Triton implementation of ``dot_exp`` with the same contract as the torch lowerings. An additive mask that
     needs a gradient (a learned position bias: T5, LongT5) is added by the score expression instead, as one more
     extra, so the dQ kernel writes its gradient."""
@@ -304,7 +318,7 @@ def fused_attention(
         term = f"t{len(extras) - 1}"
         score_mod, mask = (f"({score_mod}) + {term}" if score_mod else f"s + {term}"), None
     opts = AttentionOptions.default(q.shape[-1], q.device, q.dtype).with_overrides(**overrides)
-    return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts, score_mod, *(extras or ()))
+    return _FusedAttention.apply(q, k, v, mask, scale, causal, int(window), opts, score_mod, sinks, *(extras or ()))
 
 
 def _trained_bias(mask: torch.Tensor | None) -> bool:

@@ -59,8 +59,8 @@ def _no_weights(node: Node, reason: str | None) -> str | None:
 def _(node: Node, opts: dict[str, object]):
     from . import attention
 
-    def check(q, k, v, mask=None, extras=None, **_: object) -> str | None:
-        return _no_weights(node, None) or attention.supported(q, k, v, mask, extras)
+    def check(q, k, v, mask=None, extras=None, sinks=None, **_: object) -> str | None:
+        return _no_weights(node, None) or attention.supported(q, k, v, mask, extras, sinks)
 
     return attention.fused_attention, check
 
@@ -113,6 +113,16 @@ def _(node: Node, opts: dict[str, object]):
         return wkv.supported(k, v, w, u)
 
     return wkv.wkv_scan, check
+
+
+@register("wkv", "chunked")
+def _(node: Node, opts: dict[str, object]):
+    from . import wkv
+
+    def check(k, v, w, u, **_: object) -> str | None:
+        return wkv.supported(k, v, w, u)
+
+    return wkv.wkv_chunked, check  # chunk arrives as a keyword: the spec's, or the record's default via torch's static
 
 
 @register("dot_exp", "montecarlo", MC_ATTENTION_TILES)

@@ -35,12 +35,16 @@ def _approx_admits(attrs: DotExpAttrs, opts: object) -> str | None:
         return "it has no sliding-window support; use fused, dense or library"
     if attrs.score_mod:
         return f"it has no place for the score modification {attrs.score_mod!r}; use fused or dense"
+    if attrs.has_sinks:
+        return "it has no place for attention sinks; use fused or dense"
     return _no_weights(attrs, opts)
 
 
 def _library_admits(attrs: DotExpAttrs, opts: object) -> str | None:
     if attrs.score_mod:
         return f"SDPA has no place for the score modification {attrs.score_mod!r}; use fused or dense"
+    if attrs.has_sinks:
+        return "SDPA has no place for attention sinks; use fused or dense"
     return None
 
 
