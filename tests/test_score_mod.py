@@ -404,3 +404,23 @@ def test_gpt_oss_sinks_export_to_onnx() -> None:
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
     with torch.no_grad():
         assert _rel(got, _first(model(ids))) <= 1e-5
+
+
+class _MinFilledCausal(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        drop = torch.ones(n, n, dtype=torch.bool).triu(1)  # constant: folds at convert time
+        s = (q @ k.transpose(-1, -2)).mul(0.25).masked_fill(drop, torch.finfo(q.dtype).min) + _ROWBIAS
+        return torch.softmax(s, -1) @ v
+
+
+def test_finfo_min_fill_with_a_constant_causal_condition_folds_into_the_support() -> None:
+    """A finite fill folds only into supports that leave no row empty (causal, window): exact, and the expression
+    keeps what remains."""
+    q, k, v = torch.randn(3, _B, _H, _L, _D, generator=torch.Generator().manual_seed(0)).unbind(0)
+    prog = itc.convert(_MinFilledCausal(), (q, k, v))
+    [node] = prog.transforms
+    assert (node.attrs.support, node.attrs.mask, node.attrs.score_mod) == ("causal", "additive", "")
+    want = _MinFilledCausal()(q, k, v)
+    for backend in ("torch", "triton"):
+        assert _rel(itc.build(prog, backend=backend)(q, k, v), want) <= 1e-5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ir import score_mod
 from ..ir.core import Node, Program, Value, tensor_type
 from ..ir.families import DotExpAttrs
 from ..ir.ops import resolve_op, returns_list
@@ -35,21 +36,67 @@ def fold_masks(prog: Program) -> Program:
     values: dict[Value, torch.Tensor | None] = {}  # one evaluation per mask, however many layers share it
     for node in prog.transforms:
         attrs = node.attrs
+        if isinstance(attrs, DotExpAttrs) and attrs.score_mod:
+            _fold_fill(prog, node, producers, weights, values)
+            attrs = node.attrs
         mask = node.kwargs.get("mask")
         if not isinstance(attrs, DotExpAttrs) or not isinstance(mask, Value):
             continue
-        if not free_symbols(tensor_type(mask)) and not _symbolic_lengths(node):
-            if mask not in values:
-                values[mask] = _evaluate(prog, mask, producers, weights)
-            value = values[mask]
-            support = _support(node, attrs, value) if value is not None else None
-        else:
-            support = _symbolic_support(prog, node, attrs, mask, producers, weights)
+        support = _mask_support(prog, node, attrs, mask, producers, weights, values)
         if support is None:
             continue
         node.kwargs = {k: v for k, v in node.kwargs.items() if k != "mask"}
         node.attrs = attrs.replace(mask="none", support=support)
     return prog
+
+
+def _mask_support(prog, node, attrs, mask, producers, weights, values, drop: bool = False) -> str | None:
+    """The support a constant boolean (or 0 / -inf) ``mask`` amounts to with the node's own, or None; ``drop``:
+    the mask holds True where a pair is removed."""
+    if not free_symbols(tensor_type(mask)) and not _symbolic_lengths(node):
+        if mask not in values:
+            values[mask] = _evaluate(prog, mask, producers, weights)
+        value = values[mask]
+        if value is not None and drop:
+            value = ~value if value.dtype == torch.bool else None
+        return _support(node, attrs, value) if value is not None else None
+    return _symbolic_support(prog, node, attrs, mask, producers, weights, drop)
+
+
+def _fold_fill(prog, node, producers, weights, values) -> None:
+    """A score expression ``where(tK, c, rest)`` (or ``where(tK, rest, c)``) whose fill c is at most -1e30
+    (``finfo.min``) and whose condition is constant: when it removes exactly the pairs outside a causal or window
+    support, that support replaces it. Such supports leave no row empty, where a finite fill and -inf would differ
+    (a fully filled row is eager's uniform average), so the fold is exact."""
+    attrs = node.attrs
+    e = score_mod.parse(attrs.score_mod)
+    if e.op != "where":
+        return
+    fills = [k for k in (1, 2) if e.args[k].op == "num" and e.args[k].value <= -1e30]
+    if len(fills) != 1:
+        return
+    k = int(e.args[0].name[1:])
+    rest = e.args[3 - fills[0]]
+    extras = list(node.kwargs.get("extras") or [])
+    if k in score_mod.extras(rest):
+        return
+    support = _mask_support(prog, node, attrs, extras[k], producers, weights, values, drop=fills[0] == 1)
+    if support not in ("causal",) and not (support or "").startswith("window"):
+        return  # full: no fill at all (left as it is); None: not a support
+    keep = [i for i in range(len(extras)) if i != k]
+    rest = _renumber(rest, {f"t{old}": f"t{new}" for new, old in enumerate(keep)})
+    kwargs = {r: v for r, v in node.kwargs.items() if r != "extras"}
+    if keep:
+        kwargs["extras"] = [extras[i] for i in keep]
+    node.kwargs = kwargs
+    node.attrs = attrs.replace(score_mod="" if rest == score_mod.S else score_mod.text(rest), support=support)
+
+
+def _renumber(e: score_mod.Expr, names: dict[str, str]) -> score_mod.Expr:
+    if e.op == "var":
+        return score_mod.var(names.get(e.name, e.name))
+    args = tuple(_renumber(a, names) for a in e.args)
+    return score_mod.Expr(e.op, args, e.value, e.name) if e.args else e
 
 
 def _static(v: Value) -> bool:
@@ -60,7 +107,7 @@ def _symbolic_lengths(node: Node) -> bool:
     return any(not d.is_Integer for r in ("q", "k") for d in tensor_type(node.kwargs[r]).shape[2:3])
 
 
-def _symbolic_support(prog, node, attrs, mask, producers, weights) -> str | None:
+def _symbolic_support(prog, node, attrs, mask, producers, weights, drop: bool = False) -> str | None:
     """A mask over symbolic lengths built from sizes alone (``sym_size`` of inputs, aranges, comparisons: a
     decoder's causal or sliding-window mask): evaluated at several lengths in the symbols' ranges, up to the range's
     end or ``_LONGEST``. Folded when every length gives the same support, or a window(r) where the lengths up to r
@@ -79,6 +126,8 @@ def _symbolic_support(prog, node, attrs, mask, producers, weights) -> str | None
             sizes[sym] = max(int(lo or 2), min(at, int(hi) if hi is not None else at))
             unseen = unseen or trial == _LONGEST and sym in lengths and (hi is None or int(hi) > _LONGEST)
         value = _evaluate(prog, mask, producers, weights, sizes)
+        if value is not None and drop:
+            value = ~value if value.dtype == torch.bool else None
         support = _support(node, attrs, value, sizes) if value is not None else None
         if support is None:
             return None
