@@ -94,3 +94,34 @@ def test_dynamic_length_sliding_window_mask_folds_only_when_sure(window, seq_max
         with torch.no_grad():
             want_out = model(ids).last_hidden_state
         assert (built(ids).last_hidden_state - want_out).abs().max() <= 1e-5 * want_out.abs().max()
+
+
+class _NoGradPositions(torch.nn.Module):
+    """A ``@torch.no_grad()`` method inside forward (Speech2Text's sinusoidal positions): export wraps it in a
+    higher-order op over a subgraph, which the importer inlines, its results detached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    @torch.no_grad()
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.arange(1, 9, dtype=x.dtype)[None, :]
+        return torch.sin(pos * 0.1) + self.proj(x).mean()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) * self.positions(x)
+
+
+def test_no_grad_regions_are_inlined_and_detached() -> None:
+    torch.manual_seed(0)
+    model = _NoGradPositions()
+    x = torch.randn(2, 5, 8)
+    prog = itc.convert(model, (x,))
+    assert "detach" in str(prog)
+    built = itc.build(prog)
+    out, want = built(x), model(x)
+    torch.testing.assert_close(out, want)
+    out.sum().backward()
+    want.sum().backward()  # eager: no gradient through positions(), only through proj(x) outside it
+    torch.testing.assert_close(built.gm.get_parameter("proj.weight").grad, model.proj.weight.grad)

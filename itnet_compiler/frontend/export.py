@@ -186,6 +186,8 @@ class _Importer:
                 self.call(n)
             elif n.op == "output":
                 self.output(n)
+            elif n.op == "get_attr" and isinstance(getattr(self.ep.graph_module, n.target, None), fx.GraphModule):
+                self.env[n] = getattr(self.ep.graph_module, n.target)  # a subgraph a higher-order op runs
             else:
                 raise ItnetError(f"unsupported graph node kind {n.op} ({n.name}); please report this model")
         for s in sig.output_specs:
@@ -246,6 +248,9 @@ class _Importer:
         if converters.is_capture_op(n.target):
             self.env[n] = converters.expand_capture(self, n)
             return
+        if n.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
+            self.env[n] = self.inline(n, enabled=bool(n.args[0]))
+            return
         try:
             op = op_name(n.target)
         except ValueError:
@@ -262,6 +267,36 @@ class _Importer:
         kwargs = {k: self.arg(a, n) for k, a in n.kwargs.items()}
         self.prog.nodes.append(Node(op, args, kwargs, outs, None, _layer(n)))
         self.env[n] = outs if multi else (outs[0] if outs else None)
+
+    def inline(self, n: fx.Node, enabled: bool) -> list[object]:
+        """A ``wrap_with_set_grad_enabled(enabled, subgraph, *args)`` region (a ``@torch.no_grad()`` method inside
+        the model) as its ops, in place; under ``enabled=False`` its tensor results are detached, as the region's
+        results are. The subgraph's names get its own prefix, so they never collide with the outer graph's."""
+        sub = self.env.get(n.args[1])
+        if not isinstance(sub, fx.GraphModule):
+            raise ItnetError(f"the higher-order op {n.name} runs no subgraph the importer can read", layer=_layer(n))
+        prefix = f"{n.args[1].name}_"
+        inputs = iter(n.args[2:])
+        results: list[object] = []
+        for s in sub.graph.nodes:
+            if s.op == "placeholder":
+                a = next(inputs)
+                self.env[s] = self.arg(a, n) if isinstance(a, fx.Node) else a
+            elif s.op == "call_function":
+                s.name = s.name if s.name.startswith(prefix) else prefix + s.name
+                self.call(s)
+            elif s.op == "output":
+                results = [self.arg(a, n) if isinstance(a, fx.Node) else a for a in s.args[0]]
+            else:
+                raise ItnetError(f"unsupported node kind {s.op} inside {n.name}; please report this model")
+        if enabled:
+            return results
+        return [self.detached(r, n) if isinstance(r, Value) and isinstance(r.type, TensorType) else r for r in results]
+
+    def detached(self, v: Value, n: fx.Node) -> Value:
+        out = Value(_ssa(f"{v.name}_nograd"), v.type)
+        self.prog.nodes.append(Node("aten.detach.default", [v], {}, [out], None, _layer(n)))
+        return out
 
     def output(self, n: fx.Node) -> None:
         self.prog.outputs = [self.arg(a, n) for a in n.args[0]]
