@@ -605,6 +605,30 @@ def ssd_scenarios() -> list[Scenario]:
     ]
 
 
+def wkv_scenarios() -> list[Scenario]:
+    from itnet_compiler.backends.triton import wkv as WK
+
+    def case(dtype, fn, train, **options):
+        def run():
+            b, L, c = 2, 256, 512
+            k, v = (_t(b, L, c, dtype=dtype, grad=train) for _ in range(2))
+            w, u = torch.rand(c).requires_grad_(train), _t(c, grad=train)
+            y = getattr(WK, fn)(k, v, w, u, **options)
+            if train:
+                _backward(y)
+
+        return run
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        n, bf = NAMES[dtype], dtype == torch.bfloat16
+        out += [Scenario("wkv", f"{n} C512 scan train", case(dtype, "wkv_scan", True), bf)]
+        out += [Scenario("wkv", f"{n} C512 chunked T{t} train", case(dtype, "wkv_chunked", True, chunk=t), bf)
+                for t in (16, 32, 64)]  # fmt: skip
+    out.append(Scenario("wkv", "fp16 C512 chunked T32 inference", case(torch.float16, "wkv_chunked", False, chunk=32)))
+    return out
+
+
 def gated_scenarios() -> list[Scenario]:
     from itnet_compiler.backends.triton import gated as G
 
@@ -718,6 +742,7 @@ FAMILIES = {
     "ssm": ssm_scenarios,
     "ssd": ssd_scenarios,
     "gated": gated_scenarios,
+    "wkv": wkv_scenarios,
     "lowrank": lowrank_scenarios,
     "montecarlo": montecarlo_scenarios,
 }

@@ -13,6 +13,7 @@ from .ssd import SSD, SSD_KERNEL
 from .ssm import SSM_KERNEL, SSM_SCAN
 from .stationary import DEPTHWISE, IMPLICIT_GEMM, STATIONARY_DEPTHWISE_KERNEL, STATIONARY_GEMM_KERNEL
 from .wkv import WKV_SCAN
+from .wkv_chunked import WKV_CHUNKED
 
 __all__ = [
     "ATTENTION",
@@ -29,5 +30,6 @@ __all__ = [
     "SSM_SCAN",
     "STATIONARY_DEPTHWISE_KERNEL",
     "STATIONARY_GEMM_KERNEL",
+    "WKV_CHUNKED",
     "WKV_SCAN",
 ]
