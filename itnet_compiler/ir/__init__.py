@@ -4,6 +4,7 @@ from . import lowerings as _builtin_lowerings  # noqa: E402,F401  (registers the
 from .core import TRANSFORM, Node, Program, Value, Weight
 from .families import FAMILIES, DotExpAttrs, FamilyAttrs, StationaryAttrs, parse_lowering, register_family
 from .lowering import REGISTRY, Lowering, LoweringSpec, lowering, lowerings, register_lowering  # noqa: E402
+from .mlp import MlpAttrs
 from .parser import parse
 from .printer import print_program
 from .recurrent import GatedAttrs, SsmAttrs
@@ -18,6 +19,7 @@ __all__ = [
     "DotExpAttrs",
     "FamilyAttrs",
     "Lowering",
+    "MlpAttrs",
     "LoweringSpec",
     "REGISTRY",
     "TARGETS",

@@ -99,6 +99,7 @@ _TORCH_DEFAULTS = {
     "ssm": ("scan",),
     "gated": ("library",),
     "wkv": ("scan",),
+    "mlp": ("fused",),
 }
 _TORCH_PREFERENCE = ("library", "fused", "fft", "dense", "scan", "chunked", "lowrank", "montecarlo")
 
@@ -113,7 +114,14 @@ TARGETS: dict[str, Target] = {
         "triton",
         "triton",
         "generated Triton kernels (GPU, or the CPU under TRITON_INTERPRET=1)",
-        {"stationary": ("fused",), "dot_exp": ("fused",), "ssm": ("scan",), "gated": ("scan",), "wkv": ("scan",)},
+        {
+            "stationary": ("fused",),
+            "dot_exp": ("fused",),
+            "ssm": ("scan",),
+            "gated": ("scan",),
+            "wkv": ("scan",),
+            "mlp": ("fused",),
+        },
         ("fused", "scan", "chunked", "lowrank", "montecarlo"),
         _GPU,
         delegates=("library", "dense", "fft"),

@@ -8,6 +8,7 @@ from .fused_conv import conv_fused
 from .hybrid import attention_hybrid
 from .lowrank import attention_lowrank
 from .lowrank_conv import conv_lowrank
+from .mlp import mlp_dense, mlp_fused, mlp_montecarlo
 from .montecarlo import attention_montecarlo
 from .montecarlo_conv import conv_montecarlo
 from .recurrent import gated_library, gated_scan, ssm_chunked, ssm_dense, ssm_scan
@@ -32,6 +33,9 @@ __all__ = [
     "gated_library",
     "gated_scan",
     "implementation",
+    "mlp_dense",
+    "mlp_fused",
+    "mlp_montecarlo",
     "register",
     "ssm_chunked",
     "ssm_dense",

@@ -1,7 +1,7 @@
 """The builtin lowering records, one module per family: importing this package registers them all."""
 
-from . import dot_exp, recurrent, stationary, wkv
+from . import dot_exp, mlp, recurrent, stationary, wkv
 from .options import ChunkedOptions, ConvLowRankOptions, LowRankOptions, MonteCarloOptions
 
-__all__ = ["ChunkedOptions", "ConvLowRankOptions", "LowRankOptions", "MonteCarloOptions", "dot_exp", "recurrent",
-           "stationary", "wkv"]  # fmt: skip
+__all__ = ["ChunkedOptions", "ConvLowRankOptions", "LowRankOptions", "MonteCarloOptions", "dot_exp", "mlp",
+           "recurrent", "stationary", "wkv"]  # fmt: skip

@@ -1,0 +1,147 @@
+"""The native ITNet layer: a learnable MLP-kernel integral transform (the ``mlp`` family, ``ir/mlp.py``).
+
+    y(x) = ∫ K_θ(x, x', u(x), u(x')) V u(x') dμ(x') + W_o u(x)
+
+``IntegralTransform(dim, heads, hidden, features, normalize, support, domain, lowering)`` on sequences (``u`` [B, N,
+dim], coordinates = positions), 2-D grids (``u`` [B, H, W, dim], coordinates = (row, column)) or point sets (``u``
+[B, N, dim] with ``coords`` [B, N, d_x] given). K_θ is an MLP over pair features — the Hadamard product of projected
+points, the offset x − x', its squared length and random Fourier features of it — whose first layer is split into
+per-point terms, so a pair costs O(hidden). The pair part lives in ``MlpKernelCore``; ``itc.convert`` captures it
+as one ``mlp`` transform (the projections around it stay generic ops), so the layer is planned, tuned, compiled and
+exported like every other transform; in eager PyTorch it runs the torch lowering its ``lowering`` names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .backends.torch import mlp as _impl
+from .errors import ItnetError
+from .frontend.builtin_converters import bind_inputs
+from .frontend.converters import register_converter
+from .ir.lowering import LoweringSpec
+from .ir.mlp import FEATURES, MlpAttrs
+
+DOMAINS = ("sequence", "grid", "points")
+_IMPL = {"dense": _impl.mlp_dense, "fused": _impl.mlp_fused, "montecarlo": _impl.mlp_montecarlo}
+
+
+class MlpKernelCore(nn.Module):
+    """The pair part: y = Σ_j w(i, j) v_j with K from the per-point terms and the kernel's own parameters."""
+
+    def __init__(self, hidden: int, heads: int, coord_dim: int, features: tuple[str, ...], normalize: bool,
+                 causal: bool, lowering: str, fourier_scale: float, seed: int):  # fmt: skip
+        super().__init__()
+        self.hidden, self.heads, self.coord_dim = hidden, heads, coord_dim
+        self.features, self.normalize, self.causal = tuple(features), normalize, causal
+        self.lowering = LoweringSpec.parse(lowering) if isinstance(lowering, str) else lowering
+        gen = torch.Generator().manual_seed(seed)
+        self.w_off = nn.Parameter(torch.randn(hidden, coord_dim, generator=gen) * 0.1)
+        self.w_dist = nn.Parameter(torch.zeros(hidden))
+        # random Fourier features of the offset: fixed frequencies and phases, learned amplitudes
+        self.register_buffer("omega", torch.randn(hidden, coord_dim, generator=gen) / fourier_scale)
+        self.register_buffer("beta", torch.rand(hidden, generator=gen) * 2 * math.pi)
+        self.alpha = nn.Parameter(torch.full((hidden,), 0.5))
+        self.w_out = nn.Parameter(torch.randn(heads, hidden, generator=gen) / math.sqrt(hidden))
+        self.b_out = nn.Parameter(torch.zeros(heads))
+
+    def params(self) -> tuple[torch.Tensor, ...]:
+        return self.w_off, self.w_dist, self.omega, self.beta, self.alpha, self.w_out, self.b_out
+
+    def forward(self, a, b, rho, gamma, xq, xk, v):
+        name = self.lowering.name if self.lowering.name != "auto" else "fused"
+        fn = _IMPL.get(name)
+        if fn is None:
+            raise ItnetError(f"the ITNet layer runs {sorted(_IMPL)} in eager PyTorch, not {name!r}; convert the "
+                             "model and build it for other lowerings")  # fmt: skip
+        opts = dict(self.lowering.options)
+        return fn(a, b, rho, gamma, xq, xk, v, *self.params(), normalize=self.normalize, causal=self.causal,
+                  features=self.features, **opts)  # fmt: skip
+
+
+class IntegralTransform(nn.Module):
+    """y = Σ_j softmax_j K_θ(i, j) (V u)_j (or the uniform-measure mean when ``normalize=False``) + W_o u, per head."""
+
+    def __init__(self, dim: int, heads: int = 4, hidden: int = 32, features: tuple[str, ...] = FEATURES,
+                 normalize: bool = True, support: str = "full", domain: str = "sequence",
+                 coord_dim: int | None = None, lowering: str = "auto", fourier_scale: float = 4.0,
+                 coord_scale: float = 1.0, seed: int = 0):  # fmt: skip
+        super().__init__()
+        if dim % heads:
+            raise ItnetError(f"IntegralTransform: dim {dim} must be a multiple of heads {heads}")
+        if domain not in DOMAINS:
+            raise ItnetError(f"IntegralTransform: domain must be one of {DOMAINS}, not {domain!r}")
+        if support not in ("full", "causal") or (support == "causal" and domain != "sequence"):
+            raise ItnetError("IntegralTransform: support is full, or causal on a sequence")
+        bad = [f for f in features if f not in FEATURES]
+        if bad or not features:
+            raise ItnetError(f"IntegralTransform: features must be among {FEATURES}, not {tuple(features)}")
+        dx = {"sequence": 1, "grid": 2}.get(domain, coord_dim)
+        if dx is None or not 1 <= dx <= 8:
+            raise ItnetError("IntegralTransform: a point-set domain needs coord_dim (1 to 8)")
+        self.dim, self.heads, self.hidden, self.domain, self.coord_scale = dim, heads, hidden, domain, coord_scale
+        hadamard = "hadamard" in features
+        self.proj_a = nn.Linear(dim, hidden, bias=False) if hadamard else None
+        self.proj_b = nn.Linear(dim, hidden, bias=False) if hadamard else None
+        self.proj_rho = nn.Linear(dim, hidden)
+        self.proj_gamma = nn.Linear(dim, hidden, bias=False)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.skip = nn.Linear(dim, dim, bias=False)  # W_o u(x)
+        self.kernel = MlpKernelCore(hidden, heads, dx, tuple(features), normalize, support == "causal", lowering,
+                                    fourier_scale, seed)  # fmt: skip
+
+    def coordinates(self, u: torch.Tensor) -> torch.Tensor:
+        """[1, N, d_x] positions (sequence) or (row, column) (grid), times ``coord_scale``."""
+        if self.domain == "sequence":
+            pos = torch.arange(u.shape[1], dtype=u.dtype, device=u.device)[None, :, None]
+        else:
+            h, w = u.shape[1], u.shape[2]
+            r = torch.arange(h, dtype=u.dtype, device=u.device)[:, None].expand(h, w)
+            c = torch.arange(w, dtype=u.dtype, device=u.device)[None, :].expand(h, w)
+            pos = torch.stack([r, c], -1).reshape(1, h * w, 2)
+        return pos * self.coord_scale
+
+    def forward(self, u: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
+        shape = u.shape
+        if self.domain == "points":
+            if coords is None or coords.shape[:2] != u.shape[:2]:
+                raise ItnetError("IntegralTransform: a point-set domain takes coords [batch, points, coord_dim]")
+            x = coords.to(u.dtype)
+        else:
+            if coords is not None:
+                raise ItnetError(f"IntegralTransform: a {self.domain} domain makes its own coordinates")
+            x = self.coordinates(u)
+        if self.domain == "grid":
+            if u.dim() != 4:
+                raise ItnetError("IntegralTransform: a grid domain takes u [batch, height, width, dim]")
+            u = u.reshape(shape[0], shape[1] * shape[2], shape[3])
+        elif u.dim() != 3:
+            raise ItnetError(f"IntegralTransform: a {self.domain} domain takes u [batch, points, dim]")
+        bsz, n, _ = u.shape
+        a = self.proj_a(u) if self.proj_a is not None else None
+        b = self.proj_b(u) if self.proj_b is not None else None
+        v = self.value(u).reshape(bsz, n, self.heads, self.dim // self.heads).transpose(1, 2)
+        y = self.kernel(a, b, self.proj_rho(u), self.proj_gamma(u), x, x, v)
+        y = self.out(y.transpose(1, 2).reshape(bsz, n, self.dim)) + self.skip(u)
+        return y.reshape(shape)
+
+
+def _shapes(module: MlpKernelCore, a, b, rho, gamma, xq, xk, v):
+    return v.new_empty(v.shape[0], v.shape[1], rho.shape[1], v.shape[3])
+
+
+@register_converter(MlpKernelCore, shapes=_shapes)
+def _convert(ctx, module: MlpKernelCore, *inputs):
+    """The pair part as one ``mlp`` transform; the kernel's parameters become its weight inputs."""
+    bound = bind_inputs(ctx, module, inputs)
+    attrs = MlpAttrs(heads=module.heads, hidden=module.hidden, coord_dim=module.coord_dim, features=module.features,
+                     normalize=module.normalize, support="causal" if module.causal else "full",
+                     lowering=module.lowering)  # fmt: skip
+    roles = {r: bound[r] for r in ("a", "b", "rho", "gamma", "xq", "xk", "v") if bound.get(r) is not None}
+    for name in ("w_off", "w_dist", "omega", "beta", "alpha", "w_out", "b_out"):
+        roles[name] = ctx.weight(name)
+    return ctx.transform(attrs, roles, ctx.output_types)
