@@ -2,7 +2,8 @@
 
 Exact lowerings become the standard op of their family: ``dot_exp`` is ``Attention`` at opset 23 and later (MatMul /
 Softmax below, ``onnx_attention``), ``stationary`` is Conv / ConvTranspose and ``gated`` LSTM / GRU (through torch's
-exporter of the reference lowering), ``ssm`` and ``wkv`` a ``Scan`` over time (``onnx_scan``, ``onnx_wkv``).
+exporter of the reference lowering), ``ssm`` and ``wkv`` a ``Scan`` over time (``onnx_scan``, ``onnx_wkv``), ``mlp`` (the ITNet layer) its dense
+lowering's standard ops.
 Approximate lowerings are decomposed into standard ops by exporting their torch implementation alone (its random
 draws, seeded, become constants: that needs static sizes). A node no emitter maps fails with one line, unless
 ``fallback="trace"`` asks for its torch lowering decomposed the same way.
@@ -23,11 +24,13 @@ from ..ir.lowering import REGISTRY, LoweringSpec
 from . import draws, onnx_attention, onnx_gated, onnx_scan, onnx_wkv
 
 # Exact references the traced path exports: torch's own op for each family (never a tile loop).
-_REFERENCE = {"stationary": "library", "dot_exp": "library", "gated": "library", "ssm": "scan"}
+# The ITNet layer's ``mlp`` has no standard op: its dense lowering (products, cos, SiLU, softmax) exports as standard
+# ops, with the dynamic sizes kept.
+_REFERENCE = {"stationary": "library", "dot_exp": "library", "gated": "library", "ssm": "scan", "mlp": "dense"}
 # Approximate lowerings whose torch implementation exports as standard ops (lowrank: FAVOR+ features; montecarlo:
 # per_row with the norm or uniform proposal). Others (Nyström's pseudo-inverse, factorised convolution weights,
 # multinomial draws) have no ONNX form.
-TRACED = {("dot_exp", "lowrank"), ("dot_exp", "montecarlo")}
+TRACED = {("dot_exp", "lowrank"), ("dot_exp", "montecarlo"), ("mlp", "montecarlo")}
 
 
 def is_exact(node: Node) -> bool:
