@@ -47,7 +47,7 @@ class MlpKernel:
     def __init__(self, a, b, rho, gamma, xq, xk, params, *, features, normalized: bool, causal: bool, layer: str):
         self.a, self.b, self.rho, self.gamma, self.xq, self.xk = a, b, rho, gamma, xq, xk
         self.params = params  # w_off, w_dist, omega, beta, alpha, w_out, b_out
-        self.features, self.normalized, self.causal, self.layer = features, normalized, causal, layer
+        self.feature_set, self.normalized, self.causal, self.layer = features, normalized, causal, layer
         self.rows, self.cols = rho.shape[1], gamma.shape[1]
 
     def _rows(self, t, rows):
@@ -55,7 +55,7 @@ class MlpKernel:
 
     def block(self, rows: Index, cols: Index) -> torch.Tensor:
         k = pair_logits(self._rows(self.a, rows), self._rows(self.b, cols), self.rho[:, rows], self.gamma[:, cols],
-                        self.xq[:, rows], self.xk[:, cols], *self.params, self.features)  # fmt: skip
+                        self.xq[:, rows], self.xk[:, cols], *self.params, self.feature_set)  # fmt: skip
         return k if self.normalized else k / self.cols
 
     def at(self, rows: slice, idx: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class MlpKernel:
             params[5], params[6] = params[5][h : h + 1], params[6][h : h + 1]
             if shared:
                 k = pair_logits(self._rows(self.a, rows), None if b_ is None else b_[:, sel], self.rho[:, rows],
-                                g_[:, sel], self.xq[:, rows], x_[:, sel], *params, self.features)  # fmt: skip
+                                g_[:, sel], self.xq[:, rows], x_[:, sel], *params, self.feature_set)  # fmt: skip
                 out.append(k[:, 0])  # [B, r, M]
             else:
                 k = _pointwise(self, rows, b_, g_, x_, sel, r, m, params)
@@ -107,17 +107,17 @@ def _pointwise(kernel: MlpKernel, rows, b_, g_, x_, sel, r, m, params) -> torch.
     bsz = kernel.rho.shape[0]
     g = g_[:, sel].reshape(bsz, r, m, -1)
     z = kernel.rho[:, rows, None, :] + g
-    if "hadamard" in kernel.features:
+    if "hadamard" in kernel.feature_set:
         z = z + kernel.a[:, rows, None, :] * b_[:, sel].reshape(bsz, r, m, -1)
     w_off, w_dist, omega, beta, alpha, w_out, b_out = params
-    if any(f in kernel.features for f in ("offset", "dist2", "fourier")):
+    if any(f in kernel.feature_set for f in ("offset", "dist2", "fourier")):
         xq = kernel.xq.expand(bsz, *kernel.xq.shape[1:])[:, rows, None, :]
         delta = xq - x_[:, sel].reshape(bsz, r, m, -1)
-        if "offset" in kernel.features:
+        if "offset" in kernel.feature_set:
             z = z + delta @ w_off.T
-        if "dist2" in kernel.features:
+        if "dist2" in kernel.feature_set:
             z = z + (delta * delta).sum(-1, keepdim=True) * w_dist
-        if "fourier" in kernel.features:
+        if "fourier" in kernel.feature_set:
             z = z + alpha * torch.cos(delta @ omega.T + beta)
     return (F.silu(z) @ w_out.T + b_out)[..., 0]
 
