@@ -1,5 +1,6 @@
 """The Triton backend covers every (family, lowering) the torch backend implements: each has a generated kernel or is
-a vendor-library / reference lowering by design (and then runs without a fallback warning)."""
+a vendor-library / reference lowering by design (and then runs without a fallback warning). A delegate is a lowering
+name ("fft": every family's) or one family's lowering ("mlp:montecarlo")."""
 
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ import torch  # noqa: E402
 
 import itnet_compiler as itc  # noqa: E402
 from itnet_compiler.backends.torch.registry import LOWERINGS as TORCH_LOWERINGS  # noqa: E402
-from itnet_compiler.backends.triton.codegen import KERNELS, TORCH_BY_DESIGN  # noqa: E402
+from itnet_compiler.backends.triton.codegen import KERNELS, TARGET, TORCH_BY_DESIGN  # noqa: E402
+from itnet_compiler.ir.target import get_target  # noqa: E402
 
 
 def test_every_torch_lowering_has_a_triton_kernel_or_is_a_library_by_design():
-    missing = sorted(key for key in TORCH_LOWERINGS if key not in KERNELS and key[1] not in TORCH_BY_DESIGN)
+    get_target("triton")
+    missing = sorted(key for key in TORCH_LOWERINGS if key not in KERNELS and not TARGET.delegated(*key))
     assert missing == [], f"no Triton kernel for {missing}"
+    assert "mlp:montecarlo" in TORCH_BY_DESIGN and TARGET.delegated("mlp", "montecarlo")
+
+
+def test_a_family_qualified_delegate_names_one_family_only(monkeypatch):
+    get_target("triton")
+    assert TARGET.delegated("stationary", "fft")  # a bare name: every family's
+    monkeypatch.setattr(TARGET, "delegates", ("stationary:fft",))
+    assert TARGET.delegated("stationary", "fft") and not TARGET.delegated("mlp", "montecarlo")
+    assert not TARGET.delegated("stationary", "library") and not TARGET.can_run("mlp", "montecarlo")
 
 
 def test_a_by_design_lowering_runs_on_the_triton_backend_without_a_fallback():

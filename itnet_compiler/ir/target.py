@@ -2,7 +2,8 @@
 
 A ``Target`` lists the (family, lowering) records it implements natively, each with the extra options its
 implementation reads (``tiles``: Triton block sizes, torch tile rows), and the lowering names it hands to another
-target by design (the Triton target runs ``library``, ``dense`` and ``fft`` on torch: vendor work, not a fallback).
+target by design (the Triton target runs ``library``, ``dense`` and ``fft`` on torch: vendor work, not a fallback;
+an entry ``family:name`` delegates one family's lowering only, e.g. ``mlp:montecarlo``).
 Every pass that picks a lowering reads the target: ``resolve-auto`` takes the first exact lowering of the family's
 ``defaults`` the node admits, ``choose-lowering`` ranks only what the target implements natively (ties broken by
 ``preference``) against its ``ceilings``, and a plan may name only what the target runs.
@@ -33,7 +34,7 @@ class Target:
     defaults: dict[str, tuple[str, ...]]  # family -> exact lowerings for ``auto``, most preferred first
     preference: tuple[str, ...]  # among equal predicted times, earlier names win
     ceilings: Ceilings
-    delegates: tuple[str, ...] = ()  # lowering names run by ``delegate_to`` by design
+    delegates: tuple[str, ...] = ()  # lowering names, or "family:name", run by ``delegate_to`` by design
     delegate_to: str | None = None
     runs: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)  # native -> tile options
 
@@ -48,7 +49,8 @@ class Target:
 
     def delegated(self, family: str, name: str) -> bool:
         other = TARGETS.get(self.delegate_to or "")
-        return name in self.delegates and other is not None and other.native(family, name)
+        named = name in self.delegates or f"{family}:{name}" in self.delegates
+        return named and other is not None and other.native(family, name)
 
     def can_run(self, family: str, name: str) -> bool:
         return self.native(family, name) or self.delegated(family, name)
@@ -124,7 +126,7 @@ TARGETS: dict[str, Target] = {
         },
         ("fused", "scan", "chunked", "lowrank", "montecarlo"),
         _GPU,
-        delegates=("library", "dense", "fft"),
+        delegates=("library", "dense", "fft", "mlp:fused", "mlp:montecarlo", "mlp:lowrank"),
         delegate_to="torch-cuda",
     ),
 }

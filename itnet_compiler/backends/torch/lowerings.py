@@ -9,6 +9,7 @@ from .hybrid import attention_hybrid
 from .lowrank import attention_lowrank
 from .lowrank_conv import conv_lowrank
 from .mlp import mlp_dense, mlp_fused, mlp_montecarlo
+from .mlp_lowrank import mlp_lowrank
 from .montecarlo import attention_montecarlo
 from .montecarlo_conv import conv_montecarlo
 from .recurrent import gated_library, gated_scan, ssm_chunked, ssm_dense, ssm_scan
@@ -35,6 +36,7 @@ __all__ = [
     "implementation",
     "mlp_dense",
     "mlp_fused",
+    "mlp_lowrank",
     "mlp_montecarlo",
     "register",
     "ssm_chunked",

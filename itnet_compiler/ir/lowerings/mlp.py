@@ -1,4 +1,4 @@
-"""Lowering records of ``mlp`` (the native ITNet layer): ``dense``, ``fused`` (both exact) and ``montecarlo``.
+"""Lowering records of ``mlp`` (the native ITNet layer): ``dense``, ``fused`` (both exact), ``montecarlo``, ``lowrank``.
 
 ``dense`` materialises the [B, N, M, H_d] first-layer activations (the oracle for small sizes); ``fused`` walks tiles
 of (i, j) with an online softmax and recomputes them in the backward, so memory is O(N) in the length (the torch
@@ -14,7 +14,7 @@ import sympy
 from ..cost import Cost, itemsize, nbytes, out_type, role
 from ..lowering import register_lowering
 from ..mlp import MlpAttrs
-from .options import MonteCarloOptions
+from .options import LowRankOptions, MonteCarloOptions
 
 
 def _sizes(node) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, int]:
@@ -61,3 +61,31 @@ def _(node, opts, tensors):
     rows = rho.shape[0] * rho.shape[1] * sympy.Integer(opts.samples)
     per_pair = flops / (rho.shape[0] * rho.shape[1] * gamma.shape[1])
     return Cost(rows * per_pair * node.attrs.heads, io + rows * e * 4 * node.attrs.hidden, UNKNOWN)
+
+
+def _lowrank_admits(attrs: MlpAttrs, opts: LowRankOptions) -> str | None:
+    if opts.method not in ("learned", "nystrom"):
+        return f"the mlp kernel has no {opts.method!r} factors; use lowrank:method=learned or method=nystrom"
+    return None
+
+
+@register_lowering(
+    "mlp",
+    "lowrank",
+    exact=False,
+    options=LowRankOptions,
+    admits=_lowrank_admits,
+    doc="rank-r factors: learned feature maps of the points (fitted on calibration data) or landmark rows/columns",
+    error_model="unknown a priori (only the tuner, which measures, can choose it)",
+)
+def _(node, opts, tensors):
+    from ..cost import UNKNOWN
+
+    pairs, flops, io, e = _sizes(node)
+    rho, gamma, v = role(node, "rho"), role(node, "gamma"), role(node, "v")
+    r, heads, dv = sympy.Integer(opts.rank), node.attrs.heads, v.shape[3]
+    points = rho.shape[0] * (rho.shape[1] + gamma.shape[1])
+    work = 2 * points * heads * r * (3 * node.attrs.hidden + dv + 1)
+    if opts.method == "nystrom":
+        work += 2 * rho.shape[0] * heads * r * (rho.shape[1] + gamma.shape[1]) * node.attrs.pair_flops() + 10 * r**3
+    return Cost(work, io + e * points * heads * r, UNKNOWN)
