@@ -23,6 +23,10 @@ def test_every_torch_lowering_has_a_triton_kernel_or_is_a_library_by_design():
     missing = sorted(key for key in TORCH_LOWERINGS if key not in KERNELS and not TARGET.delegated(*key))
     assert missing == [], f"no Triton kernel for {missing}"
     assert "mlp:montecarlo" in TORCH_BY_DESIGN and TARGET.delegated("mlp", "montecarlo")
+    # a family-qualified delegate of a lowering that has a kernel would hide the kernel's tiles (TARGET.tiles)
+    shadowed = sorted(d for d in TORCH_BY_DESIGN if ":" in d and tuple(d.split(":")) in KERNELS)
+    assert shadowed == [], f"delegated although a Triton kernel exists: {shadowed}"
+    assert "block_m" in TARGET.tiles("mlp", "fused")
 
 
 def test_a_family_qualified_delegate_names_one_family_only(monkeypatch):

@@ -126,7 +126,7 @@ TARGETS: dict[str, Target] = {
         },
         ("fused", "scan", "chunked", "lowrank", "montecarlo"),
         _GPU,
-        delegates=("library", "dense", "fft", "mlp:fused", "mlp:montecarlo", "mlp:lowrank"),
+        delegates=("library", "dense", "fft", "mlp:montecarlo", "mlp:lowrank"),
         delegate_to="torch-cuda",
     ),
 }

@@ -36,6 +36,8 @@ MC_ATTENTION_TILES = ("block_s", "block_r", "block_m", "num_warps")
 HYBRID_TILES = ("block_s", "num_warps", "num_stages")
 MC_CONV_TILES = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
 LOWRANK_TILES = ("block_m", "block_n", "block_d", "split", "num_warps")
+# the torch fused lowering's tiles (block_q, block_k) are accepted too, and ignored: a torch plan runs unchanged
+MLP_TILES = ("block_m", "block_n", "num_warps", "bwd_block_m", "bwd_block_n", "bwd_num_warps", "block_q", "block_k")
 
 
 def register(family: str, lowering: str, tiles: tuple[str, ...] = ()):
@@ -177,6 +179,16 @@ def _(node: Node, opts: dict[str, object]):
         return conv_approx.montecarlo_supported(x, weight, **{**static, "mode": mode})
 
     return conv_approx.conv_montecarlo, check
+
+
+@register("mlp", "fused", MLP_TILES)
+def _(node: Node, opts: dict[str, object]):
+    from . import mlp
+
+    def check(*args, **_: object) -> str | None:
+        return mlp.supported(*args)
+
+    return mlp.mlp_fused, check
 
 
 def _torch_impl(node: Node) -> tuple[Callable[..., object], dict[str, object]]:

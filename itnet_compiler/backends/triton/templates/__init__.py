@@ -9,6 +9,8 @@ Loads, the online normalisation, the epilogue and the stores are the template's.
 
 from .attention import ATTENTION, DOT_EXP_KERNEL
 from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN
+from .mlp import MLP_FUSED
+from .mlp import holes as mlp_holes
 from .ssd import SSD, SSD_KERNEL
 from .ssm import SSM_KERNEL, SSM_SCAN
 from .stationary import DEPTHWISE, IMPLICIT_GEMM, STATIONARY_DEPTHWISE_KERNEL, STATIONARY_GEMM_KERNEL
@@ -24,6 +26,7 @@ __all__ = [
     "IMPLICIT_GEMM",
     "LSTM_KERNEL",
     "LSTM_SCAN",
+    "MLP_FUSED",
     "SSD",
     "SSD_KERNEL",
     "SSM_KERNEL",
@@ -32,4 +35,5 @@ __all__ = [
     "STATIONARY_GEMM_KERNEL",
     "WKV_CHUNKED",
     "WKV_SCAN",
+    "mlp_holes",
 ]
