@@ -734,6 +734,39 @@ def hybrid_scenarios() -> list[Scenario]:
     ]  # fmt: skip
 
 
+def mlp_scenarios() -> list[Scenario]:
+    from itnet_compiler.backends.triton import mlp as ML
+
+    def case(dtype, hidden, dv, normalize, causal, features, dx):
+        def run():
+            b, h, n = 2, 4, 256
+            had = "hadamard" in features
+            a, bb = (_t(b, n, hidden, dtype=dtype, grad=True) if had else None for _ in range(2))
+            rho, gamma = (_t(b, n, hidden, dtype=dtype, grad=True) for _ in range(2))
+            xq = xk = _t(1, n, dx, dtype=dtype)
+            v = _t(b, h, n, dv, dtype=dtype, grad=True)
+            params = [_t(hidden, dx, dtype=dtype, grad=True), _t(hidden, dtype=dtype, grad=True),
+                      _t(hidden, dx, dtype=dtype), _t(hidden, dtype=dtype), _t(hidden, dtype=dtype, grad=True),
+                      _t(h, hidden, dtype=dtype, grad=True), _t(h, dtype=dtype, grad=True)]  # fmt: skip
+            _backward(ML.mlp_fused(a, bb, rho, gamma, xq, xk, v, *params, normalize=normalize, causal=causal,
+                                   features=features))  # fmt: skip
+
+        return run
+
+    every, some = ("hadamard", "offset", "dist2", "fourier"), ("offset", "fourier")
+    cases = [(torch.bfloat16, 32, 64, True, True, every, 1, True),
+             (torch.bfloat16, 64, 128, False, False, every, 1, True),
+             (torch.bfloat16, 64, 128, True, False, some, 2, False),
+             (torch.float16, 32, 128, True, True, every, 1, False),
+             (torch.float32, 64, 128, True, False, every, 1, True),
+             (torch.float32, 32, 64, False, True, some, 3, False)]  # fmt: skip
+    return [
+        Scenario("mlp", f"{NAMES[dt]} H{hd} dv{dv} {'softmax' if nm else 'measure'}{' causal' if c else ''} "
+                 f"{'+'.join(x[:3] for x in f)} dx{dx}", case(dt, hd, dv, nm, c, f, dx), q)
+        for dt, hd, dv, nm, c, f, dx, q in cases
+    ]  # fmt: skip
+
+
 FAMILIES = {
     "attention": attention_scenarios,
     "hybrid": hybrid_scenarios,
@@ -745,6 +778,7 @@ FAMILIES = {
     "wkv": wkv_scenarios,
     "lowrank": lowrank_scenarios,
     "montecarlo": montecarlo_scenarios,
+    "mlp": mlp_scenarios,
 }
 
 
