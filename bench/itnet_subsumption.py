@@ -8,7 +8,9 @@ below in plain torch) and a GRU (``nn.GRU``). The model is one ``itnet_compiler.
 variants between a linear lift dim → width and a linear read-out width → dim), fitted with Adam (one-cycle schedule)
 on batches of fresh Gaussian inputs u to T(u) / s, s the target's output standard deviation on the held-out set.
 Reported: the relative error ‖ŷ − y‖ / ‖y‖ on 256 HELD-OUT Gaussian inputs of the training length, and on 128 of
-twice that length (the layer is applied unchanged; a convolution or S4D target is defined at any length).
+twice that length (the layer is applied unchanged; a convolution or S4D target is defined at any length), and as a
+reference the held-out error of the best linear time-invariant operator (every lag, least squares): what a fixed
+kernel of the offset alone can reach.
 
 Variants (several per target; ``--quick`` runs the first of each with fewer steps and draws no plots):
 
@@ -256,8 +258,11 @@ def fit(v: Variant, dim: int, steps: int, log_every: int) -> tuple[dict, nn.Modu
     with torch.no_grad():
         held = rel(model(u_held) * scale, y_held)
         long = rel(model(u_long) * scale, y_long)
+    causal = v.layer.get("support") == "causal"
+    lti = lti_reference(target, dim, n, causal, u_held, y_held)
     row = {
         "target": v.target, "variant": v.name, "held_out_rel_error": held, "rel_error_at_2x_length": long,
+        "best_lti_rel_error": lti,
         "steps": steps, "train_seconds": round(train_s, 1), "params": sum(p.numel() for p in params),
         "dim": dim, "length": n, "width": v.width, "batch": v.batch, "lr": v.lr, "positional": v.positional,
         "counting_measure": bool(v.counting),
@@ -265,6 +270,35 @@ def fit(v: Variant, dim: int, steps: int, log_every: int) -> tuple[dict, nn.Modu
         "target_info": info, "output_scale": scale, "curve": curve,
     }  # fmt: skip
     return row, model, module, scale
+
+
+def lti_reference(
+    target: Callable, dim: int, n: int, causal: bool, u_held: torch.Tensor, y_held: torch.Tensor
+) -> float:
+    """Held-out relative error of the best linear time-invariant operator (least squares, float64, over 4096 random
+    inputs): y_i = Σ_l W_l u_{i−l} + b with every lag the length allows (l ≥ 0 when causal), channels mixed freely.
+    ≈ 0 for the convolution and S4D targets; for attention and the GRU, what no fixed kernel of the offset can beat."""
+    lags = list(range(n)) if causal else list(range(-(n - 1), n))
+
+    def feats(u: torch.Tensor) -> torch.Tensor:
+        b = u.shape[0]
+        pad = torch.cat([u.new_zeros(b, n - 1, dim), u, u.new_zeros(b, n - 1, dim)], 1)  # u_k at k + n − 1
+        cols = [pad[:, n - 1 - lag : 2 * n - 1 - lag] for lag in lags]  # u_{i − lag}
+        x = torch.stack(cols, 2).reshape(b * n, len(lags) * dim)
+        return torch.cat([x, x.new_ones(b * n, 1)], 1).double()
+
+    gen = torch.Generator().manual_seed(2000)
+    f = len(lags) * dim + 1
+    xtx, xty = torch.zeros(f, f, dtype=torch.float64), torch.zeros(f, dim, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(16):
+            u = torch.randn(256, n, dim, generator=gen)
+            x = feats(u)
+            xtx += x.T @ x
+            xty += x.T @ target(u).reshape(-1, dim).double()
+        w = torch.linalg.solve(xtx + 1e-8 * torch.eye(f, dtype=torch.float64), xty)
+        pred = (feats(u_held) @ w).reshape(y_held.shape)
+    return rel(pred, y_held.double())
 
 
 # --------------------------------------------------------------------------------------------------------- impulses
@@ -373,7 +407,7 @@ def main() -> None:
     todo = [v for v in variants(args.dim) if v.target in only and (v.quick > 0 or not args.quick)]
     rows, t_all = [], time.perf_counter()
     hdr = f"{'target':<10} {'variant':<16} {'held-out rel err':>16} {'at 2x length':>13} {'steps':>6} {'seconds':>8}"
-    hdr += f" {'params':>7}"
+    hdr += f" {'params':>7} {'best LTI':>9}"
     print(hdr)
     print("-" * len(hdr))
     for v in todo:
@@ -387,7 +421,8 @@ def main() -> None:
             row["impulse_rel_error"] = plot_s4d_impulse(model, scale, module, args.dim, v.length, out)
         rows.append(row)
         print(f"{v.target:<10} {v.name:<16} {row['held_out_rel_error']:>16.4f} {row['rel_error_at_2x_length']:>13.4f} "
-              f"{steps:>6} {row['train_seconds']:>8.1f} {row['params']:>7}", flush=True)  # fmt: skip
+              f"{steps:>6} {row['train_seconds']:>8.1f} {row['params']:>7} {row['best_lti_rel_error']:>9.4f}",
+              flush=True)  # fmt: skip
     total = time.perf_counter() - t_all
     print(f"total {total:.1f} s ({args.threads} torch threads)")
     prev = RESULTS / ("itnet_subsumption.quick.json" if args.quick else "itnet_subsumption.json")
