@@ -364,13 +364,18 @@ def test_kernel_attention_sinks_forward_and_backward() -> None:
         assert (got.double() - want).norm() <= 1e-5 * want.norm()
 
 
+def _gpt_oss():
+    torch.manual_seed(0)
+    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                         num_experts_per_tok=1, sliding_window=4, attn_implementation="eager",
+                         use_cache=False)  # fmt: skip
+    return T.GptOssModel(cfg).train(False)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gpt_oss_attention_sinks_are_captured(backend: str) -> None:
-    torch.manual_seed(0)
-    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
-                         sliding_window=4, attn_implementation="eager", use_cache=False)  # fmt: skip
-    model = T.GptOssModel(cfg).train(False)
+    model = _gpt_oss()
     ids = torch.randint(0, 64, (2, 9))
     prog = itc.convert(model, (ids,))
     attn = [t for t in prog.transforms if t.family == "dot_exp"]
@@ -393,11 +398,7 @@ def test_gpt_oss_attention_sinks_are_captured(backend: str) -> None:
 def test_gpt_oss_sinks_export_to_onnx() -> None:
     import onnxruntime as ort
 
-    torch.manual_seed(0)
-    cfg = T.GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
-                         sliding_window=4, attn_implementation="eager", use_cache=False)  # fmt: skip
-    model = T.GptOssModel(cfg).train(False)
+    model = _gpt_oss()
     ids = torch.randint(0, 64, (2, 9))
     prog = itc.convert(model, (ids,))
     sess = ort.InferenceSession(itc.export_onnx(prog).SerializeToString(), providers=["CPUExecutionProvider"])

@@ -2,8 +2,8 @@
 
 Exact lowerings become the standard op of their family: ``dot_exp`` is ``Attention`` at opset 23 and later (MatMul /
 Softmax below, ``onnx_attention``), ``stationary`` is Conv / ConvTranspose and ``gated`` LSTM / GRU (through torch's
-exporter of the reference lowering), ``ssm`` and ``wkv`` a ``Scan`` over time (``onnx_scan``, ``onnx_wkv``), ``mlp`` (the ITNet layer) its dense
-lowering's standard ops.
+exporter of the reference lowering), ``ssm`` and ``wkv`` a ``Scan`` over time (``onnx_scan``, ``onnx_wkv``), ``mlp``
+(the ITNet layer) its dense lowering's standard ops.
 Approximate lowerings are decomposed into standard ops by exporting their torch implementation alone (its random
 draws, seeded, become constants: that needs static sizes). A node no emitter maps fails with one line, unless
 ``fallback="trace"`` asks for its torch lowering decomposed the same way.

@@ -213,6 +213,13 @@ def extras(e: Expr) -> set[int]:
     return {i for i in map(_extra_index, variables(e)) if i is not None}
 
 
+def rename(e: Expr, names: dict[str, str]) -> Expr:
+    """``e`` with its variables renamed by ``names`` (``{"t2": "t0"}`` when extras are dropped or reordered)."""
+    if e.op == "var":
+        return var(names.get(e.name, e.name))
+    return Expr(e.op, tuple(rename(a, names) for a in e.args), e.value, e.name) if e.args else e
+
+
 def ops(e: Expr) -> int:
     """Arithmetic operations per (i, j) pair (tanh and exp count 4): the cost rules' per-pair term."""
     own = {"num": 0, "var": 0, "tanh": 4, "exp": 4}.get(e.op, 1)

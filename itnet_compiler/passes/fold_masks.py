@@ -84,19 +84,12 @@ def _fold_fill(prog, node, producers, weights, values) -> None:
     if support not in ("causal",) and not (support or "").startswith("window"):
         return  # full: no fill at all (left as it is); None: not a support
     keep = [i for i in range(len(extras)) if i != k]
-    rest = _renumber(rest, {f"t{old}": f"t{new}" for new, old in enumerate(keep)})
+    rest = score_mod.rename(rest, {f"t{old}": f"t{new}" for new, old in enumerate(keep)})
     kwargs = {r: v for r, v in node.kwargs.items() if r != "extras"}
     if keep:
         kwargs["extras"] = [extras[i] for i in keep]
     node.kwargs = kwargs
     node.attrs = attrs.replace(score_mod="" if rest == score_mod.S else score_mod.text(rest), support=support)
-
-
-def _renumber(e: score_mod.Expr, names: dict[str, str]) -> score_mod.Expr:
-    if e.op == "var":
-        return score_mod.var(names.get(e.name, e.name))
-    args = tuple(_renumber(a, names) for a in e.args)
-    return score_mod.Expr(e.op, args, e.value, e.name) if e.args else e
 
 
 def _static(v: Value) -> bool:

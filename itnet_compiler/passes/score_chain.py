@@ -259,7 +259,7 @@ def normal_form(e: sm.Expr, sc: Scores) -> Logits | None:
     scale, e = _pull_scale(e)
     used = sorted(sm.extras(e))
     renumber = {f"t{old}": f"t{new}" for new, old in enumerate(used)}
-    e = _rename(e, renumber)
+    e = sm.rename(e, renumber)
     if not _finite(e) or len(used) > sm.MAX_EXTRAS:
         return None
     return Logits(scale, e, [extras[i] for i in used], mask, drop)
@@ -276,7 +276,7 @@ def as_drop_mask(form: Logits, cond: Value) -> Logits | None:
         return None
     keep = [i for i in range(len(form.extras)) if i != n]
     names = {f"t{old}": f"t{new}" for new, old in enumerate(keep)}
-    return Logits(form.scale, _rename(e.args[2], names), [form.extras[i] for i in keep], form.extras[n], True)
+    return Logits(form.scale, sm.rename(e.args[2], names), [form.extras[i] for i in keep], form.extras[n], True)
 
 
 def _is_extra(e: sm.Expr) -> bool:
@@ -324,12 +324,6 @@ def _pull_scale(e: sm.Expr) -> tuple[float, sm.Expr]:
         return sm.Expr(x.op, tuple(strip(a) for a in x.args), x.value, x.name) if x.args else x
 
     return c, strip(e)
-
-
-def _rename(e: sm.Expr, names: dict[str, str]) -> sm.Expr:
-    if e.op == "var":
-        return sm.var(names.get(e.name, e.name))
-    return sm.Expr(e.op, tuple(_rename(a, names) for a in e.args), e.value, e.name) if e.args else e
 
 
 def expression_text(e: sm.Expr) -> str | None:

@@ -8,7 +8,7 @@ Loads, the online normalisation, the epilogue and the stores are the template's.
 """
 
 from .attention import ATTENTION, DOT_EXP_KERNEL
-from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN
+from .gated import GRU_KERNEL, GRU_SCAN, LSTM_KERNEL, LSTM_SCAN, RNN_SCAN
 from .mlp import MLP_FUSED
 from .mlp import holes as mlp_holes
 from .ssd import SSD, SSD_KERNEL
@@ -26,6 +26,7 @@ __all__ = [
     "IMPLICIT_GEMM",
     "LSTM_KERNEL",
     "LSTM_SCAN",
+    "RNN_SCAN",
     "MLP_FUSED",
     "SSD",
     "SSD_KERNEL",
