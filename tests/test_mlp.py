@@ -205,3 +205,5 @@ def test_cli_converts_a_model_file_with_the_layer(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     text = (out / "program.itir").read_text()
     assert 'family="mlp"' in text and 'support="causal"' in text
+    # the saved program loads and runs (a Sequential's layer "0.kernel" must still give valid value names)
+    torch.testing.assert_close(itc.build(itc.load(out))(torch.ones(2, 12, 8)).shape, torch.Size([2, 12, 8]))

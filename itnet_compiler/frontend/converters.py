@@ -225,6 +225,8 @@ class ConverterContext:
 
     def fresh(self, t: Type, hint: str = "v") -> Value:
         base = self.layer.replace(".", "_") or "root"
+        if not (base[0].isalpha() or base[0] == "_"):
+            base = f"m{base}"  # a Sequential's index ("0.kernel"): value names are identifiers
         return Value(f"{base}_{hint}{next(self._n)}", t)
 
     def op(self, op: str, args: list[object], kwargs: dict[str, object] | None, out_types: list[Type]) -> list[Value]:
