@@ -33,7 +33,8 @@ _DROPPED = -1e30  # additive entries at or below this admit nothing (HF writes f
 def fold_masks(prog: Program) -> Program:
     producers = prog.producers()
     weights = {w.value: w for w in prog.weights}
-    values: dict[Value, torch.Tensor | None] = {}  # one evaluation per mask, however many layers share it
+    # one evaluation per mask (a symbolic one per mask and layer kind), however many layers share it
+    values: dict[object, torch.Tensor | str | None] = {}
     for node in prog.transforms:
         attrs = node.attrs
         if isinstance(attrs, DotExpAttrs) and attrs.score_mod:
@@ -60,7 +61,11 @@ def _mask_support(prog, node, attrs, mask, producers, weights, values, drop: boo
         if value is not None and drop:
             value = ~value if value.dtype == torch.bool else None
         return _support(node, attrs, value) if value is not None else None
-    return _symbolic_support(prog, node, attrs, mask, producers, weights, drop)
+    # one symbolic evaluation (four lengths, up to _LONGEST²) per mask and layer kind, however many layers share it
+    key = (mask, drop, attrs.support, *(tensor_type(node.kwargs[r]).shape[2] for r in ("q", "k")))
+    if key not in values:
+        values[key] = _symbolic_support(prog, node, attrs, mask, producers, weights, drop)
+    return values[key]
 
 
 def _fold_fill(prog, node, producers, weights, values) -> None:
