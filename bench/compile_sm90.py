@@ -737,7 +737,7 @@ def hybrid_scenarios() -> list[Scenario]:
 def mlp_scenarios() -> list[Scenario]:
     from itnet_compiler.backends.triton import mlp as ML
 
-    def case(dtype, hidden, dv, normalize, causal, features, dx):
+    def case(dtype, hidden, dv, normalize, causal, features, dx, weighted):
         def run():
             b, h, n = 2, 4, 256
             had = "hadamard" in features
@@ -748,22 +748,23 @@ def mlp_scenarios() -> list[Scenario]:
             params = [_t(hidden, dx, dtype=dtype, grad=True), _t(hidden, dtype=dtype, grad=True),
                       _t(hidden, dx, dtype=dtype), _t(hidden, dtype=dtype), _t(hidden, dtype=dtype, grad=True),
                       _t(h, hidden, dtype=dtype, grad=True), _t(h, dtype=dtype, grad=True)]  # fmt: skip
-            _backward(ML.mlp_fused(a, bb, rho, gamma, xq, xk, v, *params, normalize=normalize, causal=causal,
-                                   features=features))  # fmt: skip
+            mu = _t(b, n, dtype=dtype, grad=True) if weighted else None  # the importance measure's weights
+            _backward(ML.mlp_fused(a, bb, rho, gamma, xq, xk, v, mu, *params, normalize=normalize, causal=causal,
+                                   features=features, measure="importance" if weighted else "uniform"))  # fmt: skip
 
         return run
 
     every, some = ("hadamard", "offset", "dist2", "fourier"), ("offset", "fourier")
-    cases = [(torch.bfloat16, 32, 64, True, True, every, 1, True),
-             (torch.bfloat16, 64, 128, False, False, every, 1, True),
-             (torch.bfloat16, 64, 128, True, False, some, 2, False),
-             (torch.float16, 32, 128, True, True, every, 1, False),
-             (torch.float32, 64, 128, True, False, every, 1, True),
-             (torch.float32, 32, 64, False, True, some, 3, False)]  # fmt: skip
+    cases = [(torch.bfloat16, 32, 64, True, True, every, 1, False, True),
+             (torch.bfloat16, 64, 128, False, False, every, 1, False, True),
+             (torch.bfloat16, 64, 128, True, False, some, 2, True, False),
+             (torch.float16, 32, 128, True, True, every, 1, False, False),
+             (torch.float32, 64, 128, True, False, every, 1, False, True),
+             (torch.float32, 32, 64, False, True, some, 3, True, False)]  # fmt: skip
     return [
         Scenario("mlp", f"{NAMES[dt]} H{hd} dv{dv} {'softmax' if nm else 'measure'}{' causal' if c else ''} "
-                 f"{'+'.join(x[:3] for x in f)} dx{dx}", case(dt, hd, dv, nm, c, f, dx), q)
-        for dt, hd, dv, nm, c, f, dx, q in cases
+                 f"{'+'.join(x[:3] for x in f)} dx{dx}{' weighted' if w else ''}", case(dt, hd, dv, nm, c, f, dx, w), q)
+        for dt, hd, dv, nm, c, f, dx, w, q in cases
     ]  # fmt: skip
 
 

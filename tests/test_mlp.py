@@ -30,7 +30,7 @@ def _inputs(features, n=9, m=None, hidden=6, heads=2, dv=3, dx=1, batch=2, dtype
 
     had = "hadamard" in features
     a, b = (r(batch, n, hidden), r(batch, m, hidden)) if had else (None, None)
-    tensors = [a, b, r(batch, n, hidden), r(batch, m, hidden), r(1, n, dx), r(1, m, dx), r(batch, heads, m, dv)]
+    tensors = [a, b, r(batch, n, hidden), r(batch, m, hidden), r(1, n, dx), r(1, m, dx), r(batch, heads, m, dv), None]
     params = [r(hidden, dx, scale=0.3), r(hidden, scale=0.1), r(hidden, dx), r(hidden), r(hidden), r(heads, hidden),
               r(heads)]  # fmt: skip
     return tensors, params
@@ -90,7 +90,7 @@ def test_montecarlo_estimates_within_its_own_error_and_converges(normalize) -> N
     exact = mlp_dense(*tensors, *params, **static)
     errs, estimates = [], []
     for samples in (16, 1024):
-        kernel = _kernel(*tensors[:6], params, normalize, False, FEATURE_SETS[0], "")
+        kernel = _kernel(*tensors[:6], None, params, normalize, False, FEATURE_SETS[0], "", "uniform")
         out, est = montecarlo_transform(kernel, tensors[6], MonteCarloOptions(samples=samples, seed=1))
         errs.append(((out - exact).norm() / exact.norm()).item())
         estimates.append(est.rel)

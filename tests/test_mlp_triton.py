@@ -26,7 +26,7 @@ DEVICE = "cuda" if os.environ.get("ITNET_TEST_GPU") else "cpu"
 ALL = ("hadamard", "offset", "dist2", "fourier")
 NO_HADAMARD = ("offset", "dist2", "fourier")
 OFFSET_FOURIER = ("offset", "fourier")
-ROLES = ("a", "b", "rho", "gamma", "xq", "xk", "v", "w_off", "w_dist", "omega", "beta", "alpha", "w_out", "b_out")
+ROLES = ("a", "b", "rho", "gamma", "xq", "xk", "v", "mu", "w_off", "w_dist", "omega", "beta", "alpha", "w_out", "b_out")
 
 
 def inputs(n, m, hidden, heads, features, xbatch, coord_dim=1, batch=2, dv=16, seed=0) -> dict[str, torch.Tensor]:
@@ -41,7 +41,7 @@ def inputs(n, m, hidden, heads, features, xbatch, coord_dim=1, batch=2, dv=16, s
          "xq": r(xbatch, n, coord_dim, scale=3.0 / coord_dim), "xk": r(xbatch, m, coord_dim, scale=3.0 / coord_dim),
          "v": r(batch, heads, m, dv), "w_off": r(hidden, coord_dim, scale=0.3), "w_dist": r(hidden, scale=0.1),
          "omega": r(hidden, coord_dim), "beta": r(hidden), "alpha": r(hidden),
-         "w_out": r(heads, hidden, scale=hidden**-0.5), "b_out": r(heads)}  # fmt: skip
+         "w_out": r(heads, hidden, scale=hidden**-0.5), "b_out": r(heads), "mu": None}  # fmt: skip
     if "hadamard" not in features:
         t["a"] = t["b"] = None
     return t
@@ -80,7 +80,7 @@ def errors(got: tuple, want: tuple, features) -> dict[str, float]:
         scale = g2[name].norm()
         scale = scale if scale > 1e-9 * g2["v"].norm() else g2["v"].norm()
         out[name] = ((g1[name].double() - g2[name]).norm() / scale.clamp_min(1e-30)).item()
-    for name in set(g1) - used(features):
+    for name in set(g1) - used(features) - {"mu"}:  # μ's gradient: the importance-measure test
         assert g1[name] is None, f"{name} has no gradient (K does not read it)"
     return out
 
@@ -148,6 +148,54 @@ def test_tile_options_do_not_change_the_answer() -> None:
     assert max(errors(other, base, ALL).values()) <= 1e-12
 
 
+# normalize, causal, mu batch (1: one set of weights shared by the batch)
+WEIGHTED = [(True, False, 2), (True, True, 1), (False, False, 1), (False, True, 2)]
+
+
+@pytest.mark.parametrize(
+    "case", WEIGHTED, ids=lambda c: f"{'softmax' if c[0] else 'sum'}-{'causal' if c[1] else 'full'}-mub{c[2]}"
+)
+def test_importance_measure_forward_and_every_gradient_incl_the_weights_match_dense(case) -> None:
+    """μ_j weighs column j (log μ in the softmax, a factor otherwise); ∂L/∂μ is the kernel's too."""
+    normalize, causal, mub = case
+    t = inputs(21, 21, 8, 3, ALL, 1)
+    t["mu"] = torch.rand(mub, 21, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.05
+    static = dict(normalize=normalize, causal=causal, features=ALL, measure="importance")
+    got = run(mlp_fused, t, torch.float32, DEVICE, **static)
+    want = run(mlp_dense, t, torch.float64, **static)
+    err = errors(got, want, ALL)
+    err["mu"] = ((got[1]["mu"].double() - want[1]["mu"]).norm() / want[1]["mu"].norm()).item()
+    assert got[1]["mu"].shape == (mub, 21)
+    assert max(err.values()) <= 1e-5, err
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_points_of_zero_weight_are_removed_and_an_empty_set_gives_zero(normalize) -> None:
+    """Independent reference: the same points with the masked ones deleted (no weights at all); a batch entry
+    whose every point is masked outputs 0 (softmax) like the unnormalised sum."""
+    t = inputs(11, 15, 8, 2, ALL, 2)
+    keep = torch.rand(2, 15, generator=torch.Generator().manual_seed(5)) > 0.4
+    keep[1] = False
+    t["mu"] = keep.double()
+    static = dict(normalize=normalize, causal=False, features=ALL)
+    got, _ = run(mlp_fused, t, torch.float64, DEVICE, **static, measure="importance")
+    cols = keep[0].nonzero()[:, 0]
+    sub = dict(
+        t,
+        a=t["a"][:1],
+        rho=t["rho"][:1],
+        xq=t["xq"][:1],
+        b=t["b"][:1, cols],
+        gamma=t["gamma"][:1, cols],
+        xk=t["xk"][:1, cols],
+        v=t["v"][:1, :, cols],
+        mu=None,
+    )
+    want, _ = run(mlp_dense, sub, torch.float64, measure="counting", **static)
+    torch.testing.assert_close(got[:1].cpu(), want, rtol=1e-10, atol=1e-12)
+    assert torch.all(got[1] == 0)
+
+
 def test_supported_says_why_inputs_are_refused() -> None:
     t = {k: None if x is None else x.float() for k, x in inputs(5, 5, 4, 1, ALL, 1).items()}
     args = [t[r] for r in ROLES]
@@ -155,6 +203,7 @@ def test_supported_says_why_inputs_are_refused() -> None:
     assert "dtype" in triton_mlp.supported(*args[:6], args[6].int(), *args[7:])
     assert "no output" in triton_mlp.supported(*args[:2], args[2][:, :0], *args[3:])
     assert "float64" in triton_mlp.supported(*args[:6], args[6].double(), *args[7:])
+    assert "float64" in triton_mlp.supported(*args[:6], args[6].double(), torch.ones(1, 5), *args[8:])
 
 
 def test_generated_source_matches_the_snapshot() -> None:
@@ -171,9 +220,8 @@ class Net(torch.nn.Module):
         self.block = IntegralTransform(12, **{"heads": 3, "hidden": 8, **layer})
         self.head = torch.nn.Linear(12, 2)
 
-    def forward(self, x, coords=None):
-        h = self.block(self.embed(x), coords) if coords is not None else self.block(self.embed(x))
-        return self.head(h.flatten(1, -2))
+    def forward(self, x, coords=None, mask=None):
+        return self.head(self.block(self.embed(x), coords, mask=mask).flatten(1, -2))
 
 
 LAYERS = {
@@ -182,6 +230,10 @@ LAYERS = {
     "grid": (dict(domain="grid", features=NO_HADAMARD), lambda: (torch.randn(2, 3, 5, 4),)),
     "points": (dict(domain="points", coord_dim=3, features=OFFSET_FOURIER),
                lambda: (torch.randn(2, 11, 4), torch.randn(2, 11, 3))),
+    "points-masked": (dict(domain="points", coord_dim=2, normalize=False),
+                      lambda: (torch.randn(2, 11, 4), torch.randn(2, 11, 2), torch.rand(2, 11) > 0.3)),
+    "position-only": (dict(content=False, features=NO_HADAMARD, normalize=False, measure="counting", support="causal"),
+                      lambda: (torch.randn(2, 13, 4),)),
 }  # fmt: skip
 
 
@@ -201,7 +253,8 @@ def test_a_converted_layer_model_runs_on_triton_without_fallback_and_trains_like
     got.square().sum().backward()
     params = dict(model.named_parameters())
     grads = dict(mod.gm.named_parameters())
-    assert {"block.kernel.w_out", "block.kernel.b_out", "block.proj_rho.weight"} <= grads.keys()
+    first = "block.proj_rho.weight" if model.block.content else "block.rho_bias"
+    assert {"block.kernel.w_out", "block.kernel.b_out", first} <= grads.keys()
     for pname, p in grads.items():
         torch.testing.assert_close(p.grad, params[pname].grad, rtol=1e-4, atol=1e-6, msg=pname)
     assert mod.fallbacks == {}

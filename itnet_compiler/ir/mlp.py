@@ -6,14 +6,18 @@
 The first layer of the MLP is split into per-point terms (a = A u_i, b = B u_j for the Hadamard feature, ρ = C u_i
 + bias and γ = D u_j, computed once per point by generic ops), so that what is left per pair costs O(hidden):
 one product, the offset terms over the coordinate dims, one cosine per hidden unit (random Fourier features of the
-offset with learned amplitudes α), the activation and the output layer. Normalised, y_i = Σ_j softmax_j(K(i, j)) v_j
-over the support (like attention); otherwise y_i = (1/M) Σ_j K(i, j) v_j (the uniform measure on the M inputs).
+offset with learned amplitudes α), the activation and the output layer. The measure μ weighs the input points:
+``uniform`` μ_j = 1/M (the integral over a domain of unit size, M points), ``counting`` μ_j = 1 (a plain sum: what a
+convolution or a state-space model computes), ``importance`` μ_j given as the input ``mu`` [B|1, M] (quadrature weights
+of an irregular point set; 0 removes a point, e.g. padding). Normalised, y_i = Σ_j μ_j e^{K(i, j)} v_j / Σ_j μ_j
+e^{K(i, j)} over the support S(i) (softmax weights, like attention; uniform and counting coincide); otherwise
+y_i = Σ_{j∈S(i)} μ_j K(i, j) v_j. A row whose support holds no point of positive weight gives 0.
 
 Input layout (fixed by ``itnet_compiler.nn.IntegralTransform``, relied upon by every backend): ``a``, ``rho``
 [B, N, H_d] and ``b``, ``gamma`` [B, M, H_d] (``a`` and ``b`` absent without the Hadamard feature); ``xq`` [B|1, N, d_x]
-and ``xk`` [B|1, M, d_x]; ``v`` [B, heads, M, d_v]; the kernel's own parameters ``w_off`` [H_d, d_x], ``w_dist``
-[H_d], ``omega`` [H_d, d_x], ``beta`` [H_d], ``alpha`` [H_d], ``w_out`` [heads, H_d], ``b_out`` [heads]. Output
-[B, heads, N, d_v]. ``causal`` support (sequences) keeps j ≤ i.
+and ``xk`` [B|1, M, d_x]; ``v`` [B, heads, M, d_v]; ``mu`` [B|1, M] (importance measure only); the kernel's own
+parameters ``w_off`` [H_d, d_x], ``w_dist`` [H_d], ``omega`` [H_d, d_x], ``beta`` [H_d], ``alpha`` [H_d], ``w_out``
+[heads, H_d], ``b_out`` [heads]. Output [B, heads, N, d_v]. ``causal`` support (sequences) keeps j ≤ i.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ class MlpAttrs(FamilyAttrs):
     """K_h(i, j) = W_out silu(first layer of pair features) + b_out: the learnable kernel of ITNet."""
 
     family: ClassVar[str] = "mlp"
-    roles: ClassVar[tuple[str, ...]] = ("a?", "b?", "rho", "gamma", "xq", "xk", "v", "w_off", "w_dist", "omega",
-                                        "beta", "alpha", "w_out", "b_out")  # fmt: skip
+    roles: ClassVar[tuple[str, ...]] = ("a?", "b?", "rho", "gamma", "xq", "xk", "v", "mu?", "w_off", "w_dist",
+                                        "omega", "beta", "alpha", "w_out", "b_out")  # fmt: skip
     hidden: int = at_least(32, 1, 4096)
     coord_dim: int = at_least(1, 1, 8)
     features: tuple[str, ...] = field(default=FEATURES)
@@ -83,6 +87,12 @@ class MlpAttrs(FamilyAttrs):
                 raise ValueError(f"{role} must be {list(shape)}, not {t}")
         if self.support == "causal" and not _eq(rho.shape[1], gamma.shape[1]):
             raise ValueError("a causal mlp transform maps a sequence to itself (as many outputs as inputs)")
+        if (node.kwargs.get("mu") is not None) != (self.measure == "importance"):
+            raise ValueError("the input mu (point weights) is present exactly when the measure is importance")
+        if self.measure == "importance":
+            mu = role_type(node, "mu")
+            if mu.rank != 2 or not _eq(mu.shape[1], gamma.shape[1]):
+                raise ValueError(f"mu must be [batch or 1, {gamma.shape[1]}], not {mu}")
         if len(node.outputs) != 1:
             raise ValueError("mlp has one output")
 
@@ -106,7 +116,8 @@ class MlpAttrs(FamilyAttrs):
 
     def params(self) -> str:
         parts = [f"hidden {self.hidden}", "+".join(self.features)]
-        parts.append("softmax-normalised" if self.normalize else "uniform measure")
+        norm = "softmax-normalised" if self.normalize else "unnormalised"
+        parts.append(f"{norm}, {self.measure} measure")
         return ", ".join(parts)
 
 

@@ -7,9 +7,12 @@ e ∈ [0, DV) value dims (padded to BLOCK_D). Program (pid_m, b·H + h) owns row
     φ = Σ_d ω_kd·δ_d + β_k,   δ_d = xq_id − xk_jd,   s = K_h(i, j) = b_out[h] + Σ_k W_out[h, k]·silu(z)
 (the features present are the constexprs HADAMARD, OFFSET, DIST2, FOURIER). NORMALIZE: y_i = Σ_j softmax_j(s) v_j
 with the running max m_i and sum l_i of exp2(s·log2e − m_i), stored as m_i and log2 l_i in the two planes of LSE;
-otherwise y_i = inv_m·Σ_j s v_j (inv_m = 1/M, the uniform measure). CAUSAL keeps j ≤ i and visits no tile above the
-diagonal. The backward (same grid) recomputes s per column tile, then dS = p·(dP − Δ_i) (normalised, Δ_i = dO_i·O_i)
-or inv_m·dP, and walks the units again: g = dS·W_out[h, k]·silu′(z) is ∂L/∂z. Rows and columns of the per-point
+otherwise y_i = inv_m·Σ_j s v_j (inv_m = 1/M for the uniform measure, 1 for counting). WEIGHTED (the importance
+measure): column j carries μ_j = MU[b, j] — log2 μ_j added to the normalised logits (μ_j = 0: −inf, the point
+removed; a row left with no point gives 0), μ_j times s otherwise (inv_m unused). CAUSAL keeps j ≤ i and visits no
+tile above the diagonal. The backward (same grid) recomputes s per column tile, then dS = p·(dP − Δ_i) (normalised,
+Δ_i = dO_i·O_i) or μ_j·dP, adds ∂L/∂μ_j (Σ_i e^{s − lse}(dP − Δ_i), finite at μ_j = 0, or Σ_i s·dP) atomically into
+DMU when WEIGHTED, and walks the units again: g = dS·W_out[h, k]·silu′(z) is ∂L/∂z. Rows and columns of the per-point
 gradients (dρ = Σ_j g, dγ = Σ_i g, da, db, the Fourier parts Σ gφ with gφ = −g·α_k·sin φ, the ‖δ‖² part of dxq and
 dxk, and dV) are added atomically into float32 buffers (float64 for F64); the sums over all pairs of the kernel's
 parameters (dW_off, dw_dist, dω, dα, dW_out, db_out) stay in registers per program and are stored in its row of PV
@@ -96,9 +99,9 @@ def _valid(offs_m, offs_n, rmask, cmask, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def mlp_fwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb, sgn, sxqb, sxqn, sxkb, sxkn, V, WOUT, BOUT, O, LSE, svb, svh, svn, sob, soh, som, H, N, M, DV, HD, inv_m,
-            DX: tl.constexpr, HADAMARD: tl.constexpr, OFFSET: tl.constexpr, DIST2: tl.constexpr, FOURIER: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_D: tl.constexpr):
+def mlp_fwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb, sgn, sxqb, sxqn, sxkb, sxkn, V, WOUT, BOUT, O, LSE, MU, smub, svb, svh, svn, sob, soh, som, H, N, M, DV, HD, inv_m,
+            DX: tl.constexpr, HADAMARD: tl.constexpr, OFFSET: tl.constexpr, DIST2: tl.constexpr, FOURIER: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, WEIGHTED: tl.constexpr,
+            PREC: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit (batch, head) bases
     b = bh // H
@@ -123,8 +126,14 @@ def mlp_fwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb,
         keep = _valid(offs_m, offs_n, rmask, cmask, CAUSAL)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cmask[:, None] & dmask[None, :],
                     other=0.0)
+        if WEIGHTED:
+            mu = _acc(tl.load(MU + b * smub + offs_n, mask=cmask, other=0.0), F64)
         if NORMALIZE:
-            s2 = tl.where(keep, s * 1.4426950408889634, float("-inf"))  # log2(e)
+            s2 = s * 1.4426950408889634  # log2(e)
+            if WEIGHTED:
+                keep = keep & (mu[None, :] > 0.0)
+                s2 += tl.log2(tl.where(mu > 0.0, mu, 1.0))[None, :]
+            s2 = tl.where(keep, s2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s2 - m_safe[:, None])
@@ -132,6 +141,8 @@ def mlp_fwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb,
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        elif WEIGHTED:
+            acc += tl.dot(tl.where(keep, s * mu[None, :], 0.0).to(v.dtype), v, input_precision=PREC)
         else:
             acc += tl.dot(tl.where(keep, s * inv_m, 0.0).to(v.dtype), v, input_precision=PREC)
     out = acc
@@ -152,10 +163,10 @@ def _add_at(acc, val, offs, k):
 
 
 @triton.jit
-def mlp_bwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb, sgn, sxqb, sxqn, sxkb, sxkn, V, WOUT, BOUT, DO, LSE, DELTA, DA, DB, DR, DG, RPHI, CPHI, DXQ, DXK, DVB, PV, PM,
+def mlp_bwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb, sgn, sxqb, sxqn, sxkb, sxkn, V, WOUT, BOUT, DO, LSE, DELTA, DA, DB, DR, DG, RPHI, CPHI, DXQ, DXK, DVB, PV, PM, MU, smub, DMU,
             svb, svh, svn, sob, soh, som, H, N, M, DV, HD, inv_m,
-            DX: tl.constexpr, HADAMARD: tl.constexpr, OFFSET: tl.constexpr, DIST2: tl.constexpr, FOURIER: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr):
+            DX: tl.constexpr, HADAMARD: tl.constexpr, OFFSET: tl.constexpr, DIST2: tl.constexpr, FOURIER: tl.constexpr, F64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORMALIZE: tl.constexpr, CAUSAL: tl.constexpr, WEIGHTED: tl.constexpr,
+            PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -194,9 +205,20 @@ def mlp_bwd(A, BB, R, G, XQ, XK, WOFF, WDIST, OMEGA, BETA, ALPHA, srb, srn, sgb,
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cmask[:, None] & dmask[None, :],
                     other=0.0)
         dp = _acc(tl.dot(do, tl.trans(v), input_precision=PREC), F64)
+        if WEIGHTED:
+            mu = _acc(tl.load(MU + b * smub + offs_n, mask=cmask, other=0.0), F64)
         if NORMALIZE:
-            p = tl.where(keep, tl.exp2((s * 1.4426950408889634 - lse[:, None]) - lg[:, None]), 0.0)
+            p = tl.where(keep, tl.exp2((s * 1.4426950408889634 - lse[:, None]) - lg[:, None]), 0.0)  # p / μ_j
+            if WEIGHTED:  # ∂L/∂μ_j = Σ_i (p_ij / μ_j)·(dP_ij − Δ_i), then p carries its μ_j
+                tl.atomic_add(DMU + b * M + offs_n, tl.sum(p * (dp - delta[:, None]), 0).to(DMU.dtype.element_ty),
+                              mask=cmask)
+                p = p * mu[None, :]
             ds = p * (dp - delta[:, None])
+        elif WEIGHTED:
+            tl.atomic_add(DMU + b * M + offs_n, tl.sum(tl.where(keep, s * dp, 0.0), 0).to(DMU.dtype.element_ty),
+                          mask=cmask)
+            p = tl.where(keep, s * mu[None, :], 0.0)
+            ds = tl.where(keep, dp * mu[None, :], 0.0)
         else:
             p = tl.where(keep, s * inv_m, 0.0)
             ds = tl.where(keep, dp * inv_m, 0.0)

@@ -19,9 +19,8 @@ import torch
 from ...errors import ItnetError
 from ...ir.core import Node
 from ...ir.lowerings.options import LowRankOptions
-from ...ir.mlp import MlpAttrs
 from .lowrank import lowrank_transform
-from .mlp import MlpKernel
+from .mlp import MlpKernel, log_weights, static_options
 from .pairkernel import Factors, cur_factors, stabilised
 from .registry import register
 from .runtime import cached, persistable
@@ -65,10 +64,15 @@ class MlpFeatures:
         return torch.einsum("blf,hrf->bhlr", fq, wq), torch.einsum("blf,hrf->bhlr", fk, wk)
 
     def factors(self, kernel: MlpKernel) -> Factors:
+        """Factors of K itself (what was fitted), with the measure's column weights put into ψ."""
         lq, lk = self.logs(kernel)
+        w = kernel.column_weights()  # [B, heads, cols] or None
         if kernel.normalized:
-            return stabilised(lq, lk, exact_units=True)
-        return Factors(lq, lk, torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device))  # K has its 1/M
+            return stabilised(lq, lk if w is None else lk + log_weights(w)[..., None], exact_units=True)
+        scale = torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
+        if w is None:
+            return Factors(lq, lk / kernel.cols if kernel.measure == "uniform" else lk, scale)
+        return Factors(lq, lk * w[..., None], scale)
 
 
 def fit_features(kernel: MlpKernel, opts: LowRankOptions) -> MlpFeatures:
@@ -81,7 +85,7 @@ def fit_features(kernel: MlpKernel, opts: LowRankOptions) -> MlpFeatures:
     heads = kernel.params[5].shape[0]
     omega = kernel.params[2]
     with torch.no_grad():  # the targets and the point features are data for the fit
-        exact = kernel.block(rows, cols).double()  # [B, heads, r, c]
+        exact = kernel.block(rows, cols, measure=False).double()  # [B, heads, r, c]: K without the measure
         if kernel.causal:
             exact = exact.masked_fill(cols[None, :] > rows[:, None], float("-inf") if kernel.normalized else 0.0)
         sel = lambda t, idx: None if t is None else t[:, idx].detach().double()  # noqa: E731
@@ -109,10 +113,11 @@ def fit_features(kernel: MlpKernel, opts: LowRankOptions) -> MlpFeatures:
     return MlpFeatures(w_q.detach().to(dt), w_k.detach().to(dt))
 
 
-def mlp_lowrank(a, b, rho, gamma, xq, xk, v, *params, normalize, causal, features, layer="", **options):
+def mlp_lowrank(a, b, rho, gamma, xq, xk, v, mu, *params, normalize, causal, features, layer="", measure="uniform",
+                **options):  # fmt: skip
     opts = LowRankOptions.make(layer, **options)
     kernel = MlpKernel(a, b, rho, gamma, xq, xk, params, features=tuple(features), normalized=normalize,
-                       causal=causal, layer=layer)  # fmt: skip
+                       causal=causal, layer=layer, measure=measure, mu=mu)  # fmt: skip
     if opts.method == "nystrom":
         factors = cur_factors(kernel, opts.rank, opts.landmarks, opts.seed, rho.device)
     elif opts.method == "learned":
@@ -127,7 +132,4 @@ def mlp_lowrank(a, b, rho, gamma, xq, xk, v, *params, normalize, causal, feature
 
 @register("mlp", "lowrank")
 def _(node: Node, opts: object):
-    a = node.attrs
-    assert isinstance(a, MlpAttrs)
-    return mlp_lowrank, {"normalize": a.normalize, "causal": a.causal, "features": tuple(a.features),
-                         "layer": node.name}  # fmt: skip
+    return mlp_lowrank, static_options(node)

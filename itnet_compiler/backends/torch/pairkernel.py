@@ -93,6 +93,12 @@ def logit_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).expand(mask.shape)
 
 
+def softmax_or_zero(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim; 0 (not NaN) on a row whose every logit is -inf, with finite gradients."""
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    return torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """t [*b, L, D] at idx [*b, ...] along L -> [*b, ..., D] (batch dims flattened for one gather)."""
     lead = t.shape[:-2]
@@ -240,7 +246,7 @@ def cur_factors(kernel: PairKernel, rank: int, how: str, seed: int, device) -> F
 
     def part(rows: Index, cols: Index) -> torch.Tensor:
         blk = kernel.block(rows, cols)
-        return torch.softmax(blk, dim=-1) if kernel.normalized else blk
+        return softmax_or_zero(blk) if kernel.normalized else blk
 
     a, b = part(slice(None), lc), part(lr, slice(None))
     w = torch.linalg.pinv(part(lr, lc).double()).to(a.dtype)  # m³ and often ill-conditioned: float64

@@ -52,6 +52,10 @@ class _Config:
     normalize: bool
     causal: bool
     opts: MlpOptions
+    measure: str = "uniform"
+
+    def inv_m(self, m: int) -> float:
+        return 1.0 / m if self.measure == "uniform" else 1.0
 
 
 def kernels():
@@ -64,6 +68,7 @@ def _flags(cfg: _Config, coord_dim: int, dtype: torch.dtype, bwd: bool) -> dict[
     out: dict[str, object] = {
         "DX": coord_dim, "HADAMARD": "hadamard" in f, "OFFSET": "offset" in f, "DIST2": "dist2" in f,
         "FOURIER": "fourier" in f, "F64": dtype == torch.float64, "NORMALIZE": cfg.normalize, "CAUSAL": cfg.causal,
+        "WEIGHTED": cfg.measure == "importance",
         "PREC": "ieee" if dtype == torch.float64 else loader.dot_precision(dtype),
         "BLOCK_M": o.bwd_block_m if bwd else o.block_m, "BLOCK_N": o.bwd_block_n if bwd else o.block_n,
         "num_warps": o.bwd_num_warps if bwd else o.num_warps,
@@ -81,17 +86,24 @@ def _unit_args(a, b, rho, gamma, xq, xk, params) -> list[object]:
     return [*pointers, alpha, *strides]
 
 
-def _prepare(a, b, rho, gamma, xq, xk, v, params):
+def _prepare(a, b, rho, gamma, xq, xk, v, mu, params):
     def c(t):
         return None if t is None else t.contiguous()
 
-    return (c(a), c(b), c(rho), c(gamma), c(xq), c(xk), c(v), tuple(p.contiguous() for p in params))
+    return (c(a), c(b), c(rho), c(gamma), c(xq), c(xk), c(v), c(mu), tuple(p.contiguous() for p in params))
+
+
+def _weights(mu, rho) -> list[object]:
+    """MU and its batch stride (ρ, never read, without the importance measure; stride 0 for one shared row)."""
+    if mu is None:
+        return [rho, 0]
+    return [mu, 0 if mu.shape[0] == 1 else mu.stride(0)]
 
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cfg: _Config, a, b, rho, gamma, xq, xk, v, *params):
-        a, b, rho, gamma, xq, xk, v, params = _prepare(a, b, rho, gamma, xq, xk, v, params)
+    def forward(ctx, cfg: _Config, a, b, rho, gamma, xq, xk, v, mu, *params):
+        a, b, rho, gamma, xq, xk, v, mu, params = _prepare(a, b, rho, gamma, xq, xk, v, mu, params)
         bsz, heads, m, dv = v.shape
         n = rho.shape[1]
         o = torch.empty(bsz, heads, n, dv, dtype=v.dtype, device=v.device)
@@ -100,17 +112,17 @@ class _Fused(torch.autograd.Function):
         flags = _flags(cfg, xq.shape[2], v.dtype, bwd=False)
         grid = (triton.cdiv(n, int(flags["BLOCK_M"])), bsz * heads)
         kernels().mlp_fwd[grid](
-            *_unit_args(a, b, rho, gamma, xq, xk, params), v, params[5], params[6], o, lse, *v.stride()[:3],
-            *o.stride()[:3], heads, n, m, dv, rho.shape[2], 1.0 / m, BLOCK_D=max(16, triton.next_power_of_2(dv)),
-            **flags,
+            *_unit_args(a, b, rho, gamma, xq, xk, params), v, params[5], params[6], o, lse, *_weights(mu, rho),
+            *v.stride()[:3], *o.stride()[:3], heads, n, m, dv, rho.shape[2], cfg.inv_m(m),
+            BLOCK_D=max(16, triton.next_power_of_2(dv)), **flags,
         )  # fmt: skip
-        ctx.save_for_backward(a, b, rho, gamma, xq, xk, v, o, lse, *params)
+        ctx.save_for_backward(a, b, rho, gamma, xq, xk, v, mu, o, lse, *params)
         ctx.cfg = cfg
         return o
 
     @staticmethod
     def backward(ctx, do):
-        a, b, rho, gamma, xq, xk, v, o, lse, *params = ctx.saved_tensors
+        a, b, rho, gamma, xq, xk, v, mu, o, lse, *params = ctx.saved_tensors
         cfg: _Config = ctx.cfg
         bsz, heads, m, dv = v.shape
         n, hd, dx = rho.shape[1], rho.shape[2], xq.shape[2]
@@ -121,6 +133,7 @@ class _Fused(torch.autograd.Function):
         db, dg, cphi = (torch.zeros(bsz, m, hd, **f) for _ in range(3))
         dxq, dxk = torch.zeros(bsz, n, dx, **f), torch.zeros(bsz, m, dx, **f)
         dvb = torch.zeros(bsz, heads, m, dv, **f)
+        dmu = torch.zeros(bsz, m, **f) if mu is not None else dvb
         delta = (do.to(acc) * o.to(acc)).sum(-1).reshape(bsz * heads, n).contiguous()
         flags = _flags(cfg, dx, v.dtype, bwd=True)
         tiles = triton.cdiv(n, int(flags["BLOCK_M"]))
@@ -129,16 +142,17 @@ class _Fused(torch.autograd.Function):
         pm = torch.zeros(bsz * heads * tiles, 2, bh_, bx, **f)
         kernels().mlp_bwd[(tiles, bsz * heads)](
             *_unit_args(a, b, rho, gamma, xq, xk, params), v, params[5], params[6], do, lse, delta, da, db, dr, dg,
-            rphi, cphi, dxq, dxk, dvb, pv, pm, *v.stride()[:3], *do.stride()[:3], heads, n, m, dv, hd, 1.0 / m,
+            rphi, cphi, dxq, dxk, dvb, pv, pm, *_weights(mu, rho), dmu, *v.stride()[:3], *do.stride()[:3], heads, n, m,
+            dv, hd, cfg.inv_m(m),
             BLOCK_D=max(16, triton.next_power_of_2(dv)), BLOCK_H=bh_, BLOCK_X=bx, **flags,
         )  # fmt: skip
-        return (None, *_assemble(ctx, cfg, (da, db, dr, dg, rphi, cphi, dxq, dxk, dvb, pv, pm), tiles))
+        return (None, *_assemble(ctx, cfg, (da, db, dr, dg, rphi, cphi, dxq, dxk, dvb, dmu, pv, pm), tiles))
 
 
 def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
     """Every input's gradient from the kernel's buffers (None where an input has none or needs none)."""
-    a, b, rho, gamma, xq, xk, v, _, _, w_off, w_dist, omega, beta, alpha, w_out, b_out = ctx.saved_tensors
-    da, db, dr, dg, rphi, cphi, dxq, dxk, dvb, pv, pm = bufs
+    a, b, rho, gamma, xq, xk, v, mu, _, _, w_off, w_dist, omega, beta, alpha, w_out, b_out = ctx.saved_tensors
+    da, db, dr, dg, rphi, cphi, dxq, dxk, dvb, dmu, pv, pm = bufs
     feats = cfg.features
     hd, dx = rho.shape[2], xq.shape[2]
     bsz, heads = v.shape[:2]
@@ -159,6 +173,7 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
         "a": da if a is not None else None, "b": db if b is not None else None, "rho": dr, "gamma": dg,
         "xq": dxq if has["offset"] or has["dist2"] or has["fourier"] else None,
         "xk": dxk if has["offset"] or has["dist2"] or has["fourier"] else None, "v": dvb,
+        "mu": None if mu is None else dmu.sum(0, keepdim=True) if mu.shape[0] == 1 else dmu,
         "w_off": pm[:, 0].sum(0)[:hd, :dx] if has["offset"] else None,
         "w_dist": sums[0, :hd] if has["dist2"] else None,
         "omega": pm[:, 1].sum(0)[:hd, :dx] if has["fourier"] else None,
@@ -166,8 +181,8 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
         "alpha": sums[1, :hd] if has["fourier"] else None,
         "w_out": per_head[:, 0, :hd], "b_out": per_head[:, 1, 0],
     }  # fmt: skip
-    like = {"a": a, "b": b, "rho": rho, "gamma": gamma, "xq": xq, "xk": xk, "v": v, "w_off": w_off, "w_dist": w_dist,
-            "omega": omega, "beta": beta, "alpha": alpha, "w_out": w_out, "b_out": b_out}  # fmt: skip
+    like = {"a": a, "b": b, "rho": rho, "gamma": gamma, "xq": xq, "xk": xk, "v": v, "mu": mu, "w_off": w_off,
+            "w_dist": w_dist, "omega": omega, "beta": beta, "alpha": alpha, "w_out": w_out, "b_out": b_out}  # fmt: skip
     out = []
     for i, (name, g) in enumerate(grads.items()):
         need = ctx.needs_input_grad[i + 1]
@@ -175,11 +190,11 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
     return tuple(out)
 
 
-def supported(a, b, rho, gamma, xq, xk, v, *params, **_: object) -> str | None:
+def supported(a, b, rho, gamma, xq, xk, v, mu, *params, **_: object) -> str | None:
     """Why the kernel cannot take these inputs, or None when it can."""
     if v.dtype not in DTYPES:
         return f"dtype {v.dtype}"
-    tensors = [t for t in (a, b, rho, gamma, xq, xk, *params) if t is not None]
+    tensors = [t for t in (a, b, rho, gamma, xq, xk, mu, *params) if t is not None]
     if any(not t.is_floating_point() for t in tensors):
         return "a non-floating-point input"
     if v.dtype == torch.float64 and any(t.dtype != torch.float64 for t in tensors):
@@ -195,9 +210,10 @@ def supported(a, b, rho, gamma, xq, xk, v, *params, **_: object) -> str | None:
     return None
 
 
-def mlp_fused(a, b, rho, gamma, xq, xk, v, *params, normalize, causal, features, layer="", **overrides):
+def mlp_fused(a, b, rho, gamma, xq, xk, v, mu, *params, normalize, causal, features, layer="", measure="uniform",
+              **overrides):  # fmt: skip
     """The Triton implementation of ``mlp`` with the contract of the torch lowerings (``block_q``/``block_k``, the
     torch tiles, are accepted and ignored: a plan written for torch runs here unchanged)."""
     opts = MlpOptions.default(v.device, v.dtype).with_overrides(**overrides)
-    cfg = _Config(tuple(features), bool(normalize), bool(causal), opts)
-    return _Fused.apply(cfg, a, b, rho, gamma, xq, xk, v, *params)
+    cfg = _Config(tuple(features), bool(normalize), bool(causal), opts, measure)
+    return _Fused.apply(cfg, a, b, rho, gamma, xq, xk, v, mu, *params)

@@ -22,7 +22,7 @@ def _sizes(node) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, int]:
     a = node.attrs
     assert isinstance(a, MlpAttrs)
     io = nbytes(out_type(node))
-    for r in ("a", "b", "rho", "gamma", "xq", "xk", "v"):
+    for r in ("a", "b", "rho", "gamma", "xq", "xk", "v", "mu"):
         t = role(node, r)
         io += nbytes(t) if t is not None else 0
     rho, gamma = role(node, "rho"), role(node, "gamma")
