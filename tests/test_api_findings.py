@@ -125,3 +125,19 @@ def test_no_grad_regions_are_inlined_and_detached() -> None:
     out.sum().backward()
     want.sum().backward()  # eager: no gradient through positions(), only through proj(x) outside it
     torch.testing.assert_close(built.gm.get_parameter("proj.weight").grad, model.proj.weight.grad)
+
+
+def test_a_built_modules_state_dict_has_the_source_models_keys_both_ways() -> None:
+    """Non-persistent buffers (BERT's position_ids, token_type_ids) stay out of it, as in the source model: a checkpoint
+    of the source loads into the built module strictly, and one trained there loads back into the source."""
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)  # fmt: skip
+    model = transformers.BertModel(cfg).eval()
+    x = torch.randint(0, 100, (2, 7))
+    mod = itc.build(itc.convert(model, (x,)))
+    assert set(mod.gm.state_dict()) == set(model.state_dict())
+    other = transformers.BertModel(cfg).eval()
+    mod.gm.load_state_dict(other.state_dict())  # strict
+    torch.testing.assert_close(mod(x).last_hidden_state, other(x).last_hidden_state, rtol=1e-5, atol=1e-5)
+    model.load_state_dict(mod.gm.state_dict())
+    torch.testing.assert_close(model(x).last_hidden_state, other(x).last_hidden_state, rtol=0, atol=0)

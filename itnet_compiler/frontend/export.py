@@ -227,6 +227,8 @@ class _Importer:
             return
         kinds = {InputKind.PARAMETER: "param", InputKind.BUFFER: "buffer", InputKind.CONSTANT_TENSOR: "const"}
         kind = kinds.get(spec.kind)
+        if kind == "buffer" and spec.persistent is False:
+            kind = "const"  # not in the model's state_dict: load_state_dict cannot replace it (a constant, foldable)
         if kind is None:
             raise ItnetError(f"unsupported model input {spec.target} of kind {spec.kind.name}")
         key = spec.target

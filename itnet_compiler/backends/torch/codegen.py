@@ -108,9 +108,23 @@ def generate(prog: Program, resolve: Resolver = implementation) -> fx.GraphModul
                 declared[item.name] = (node, v)
     g.output(tuple(arg(a) for a in prog.outputs))
     gm = fx.GraphModule(root, g, class_name="ItnetGenerated")
+    _keep_persistence(root, gm)
     gm.graph.lint()
     gm.meta["itnet_declared"] = declared
     return gm
+
+
+def _keep_persistence(root: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """GraphModule copies buffers as persistent ones: constants (and the device anchor) stay out of the state dict,
+    so ``gm.state_dict()`` has the source model's keys and loads into it (and it into ``gm``)."""
+    for name, mod in root.named_modules():
+        dropped = getattr(mod, "_non_persistent_buffers_set", set())
+        if not dropped:
+            continue
+        target = gm.get_submodule(name) if name else gm
+        for buf in dropped:
+            if buf in target._buffers:
+                target._non_persistent_buffers_set.add(buf)
 
 
 def _leaves(a: object) -> list[object]:
