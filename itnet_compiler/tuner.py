@@ -72,9 +72,9 @@ def candidate_specs(
         rec = REGISTRY[(node.family, name)]
         if budget <= 0 and not rec.exact:
             continue
-        if rec.why_not(node.attrs) is not None:
-            continue
-        out.append(name)
+        if rec.why_not(node.attrs) is None:
+            out.append(name)
+        # a lowering whose defaults the node refuses (the mlp kernel has no ``favor`` features) may still admit a move
         defaults = rec.options()
         moves: list[tuple[str, object]] = []
         for f in getattr(type(defaults), "__dataclass_fields__", {}).values():

@@ -210,3 +210,30 @@ def test_bad_measure_arguments_say_what_to_do() -> None:
         layer(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(itc.ItnetError, match="mask is a bool tensor"):
         layer(torch.randn(2, 5, 8), mask=torch.ones(2, 5))
+
+
+def test_the_tuner_measures_every_lowering_the_layer_admits_and_keeps_its_budget() -> None:
+    """lowrank's default method (favor) does not apply to the mlp kernel, its nystrom and learned moves do; a
+    montecarlo proposal the kernel has no features for is not offered. The chosen plan, built, stays within the
+    budget of the eager model on held-out padded point sets."""
+    from itnet_compiler.tuner import candidate_specs
+
+    torch.manual_seed(0)
+    model = PointNet()
+
+    def batch():
+        return torch.randn(2, 32, 3), torch.rand(2, 32, 2), torch.rand(2, 32) > 0.2
+
+    prog = itc.convert(model, batch())
+    [node] = prog.transforms
+    specs = candidate_specs(node, "torch", 0.05)
+    assert {"fused", "dense", "lowrank:method=nystrom", "lowrank:method=learned"} <= set(specs)
+    assert "montecarlo:proposal=lowrank" not in specs and "lowrank" not in specs
+    plan = itc.tune(prog, [batch()], budget=0.05, held_out=[batch()], repeat=1)
+    measured = {c["spec"]: c for c in plan.measurements["block.kernel"]["candidates"]}
+    assert not any("failed" in c for c in measured.values()), measured
+    assert "lowrank:method=learned" in measured
+    held = batch()
+    want = model(*held)
+    got = itc.build(prog, plan=plan.layers)(*held)
+    assert ((got - want).norm() / want.norm()).item() <= 0.05

@@ -44,11 +44,18 @@ def _(node, opts, tensors):
     return Cost(flops, io + rereads, sympy.Integer(0))
 
 
+def _montecarlo_admits(attrs: MlpAttrs, opts: MonteCarloOptions) -> str | None:
+    if opts.proposal == "lowrank":
+        return "the mlp kernel has no random features for a lowrank proposal; use proposal=norm, uniform or probe"
+    return None
+
+
 @register_lowering(
     "mlp",
     "montecarlo",
     exact=False,
     options=MonteCarloOptions,
+    admits=_montecarlo_admits,
     doc="importance sampling of M columns per row, with its own error estimate",
     error_model="unknown a priori (the kernel is learned): the tuner measures it; at run time the sampler reports "
     "its variance",
