@@ -207,3 +207,12 @@ def test_cli_converts_a_model_file_with_the_layer(tmp_path: Path) -> None:
     assert 'family="mlp"' in text and 'support="causal"' in text
     # the saved program loads and runs (a Sequential's layer "0.kernel" must still give valid value names)
     torch.testing.assert_close(itc.build(itc.load(out))(torch.ones(2, 12, 8)).shape, torch.Size([2, 12, 8]))
+
+
+def test_mlir_export_keeps_the_length_dynamic() -> None:
+    """The fused lowering's row-block loop would specialise the length: MLIR export writes the exact dense form."""
+    torch.manual_seed(0)
+    seq = torch.export.Dim("seq", min=2, max=64)
+    prog = itc.convert(Classifier(support="causal"), (torch.randn(2, 10, 4),), dynamic_shapes={"x": {1: seq}})
+    text = itc.export_mlir(prog, dialect="linalg")
+    assert "tensor<2x?x4xf32>" in text and "func.func @forward" in text

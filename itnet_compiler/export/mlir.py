@@ -9,8 +9,23 @@ from pathlib import Path
 
 from ..errors import ItnetError, first_line
 from ..ir.core import Program
+from ..ir.lowering import LoweringSpec
 
 DIALECTS = {"torch": "torch", "linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
+# Exact torch lowerings written as Python loops over a length (row blocks) specialise a dynamic dim when traced; with
+# symbols in the program, these export as their exact reference, which is written in whole-tensor ops.
+_TRACEABLE = {("mlp", "fused"): "dense"}
+
+
+def _shape_polymorphic(planned: Program) -> Program:
+    if not planned.symbols or not any((n.family, n.lowering) in _TRACEABLE for n in planned.transforms):
+        return planned
+    out = planned.clone()
+    for node in out.transforms:
+        ref = _TRACEABLE.get((node.family, node.lowering))
+        if ref is not None:
+            node.attrs = node.attrs.replace(lowering=LoweringSpec.parse(ref))
+    return out
 
 
 def _torch_mlir():
@@ -41,7 +56,10 @@ def export_mlir_planned(planned: Program, path: str | Path | None, dialect: str,
     if dialect not in DIALECTS:
         raise ItnetError(f"--dialect {dialect!r} is not one of {', '.join(DIALECTS)}")
     fx, _ = _torch_mlir()
+    planned = _shape_polymorphic(planned)
     module = build_torch(planned)
+    for sub in module.gm.modules():  # torch-mlir maps persistent buffers only; constants are buffers to it as well
+        sub._non_persistent_buffers_set.clear()
     flat = example_inputs(planned, sizes)
     dyn = dynamic_shapes(planned.inputs, planned.symbols)
     try:
