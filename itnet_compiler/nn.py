@@ -174,6 +174,9 @@ class IntegralTransform(nn.Module):
         if mask is not None and mask.dtype != torch.bool:
             raise ItnetError("IntegralTransform: mask is a bool tensor (True where a point is real); pass float "
                              "weights as weights=")  # fmt: skip
+        if weights is not None and not torch.compiler.is_compiling() and not bool((weights >= 0).all()):
+            raise ItnetError("IntegralTransform: weights must be non-negative and not NaN (quadrature weights of a "
+                             "measure; 0 removes a point)")  # fmt: skip
         bsz = u.shape[0]
         mu = None if weights is None else weights.to(u.dtype).reshape(bsz, -1)
         if mask is not None:

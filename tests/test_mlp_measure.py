@@ -210,6 +210,9 @@ def test_bad_measure_arguments_say_what_to_do() -> None:
         layer(torch.randn(2, 5, 8), mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(itc.ItnetError, match="mask is a bool tensor"):
         layer(torch.randn(2, 5, 8), mask=torch.ones(2, 5))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(itc.ItnetError, match="weights must be non-negative"):
+            layer(torch.randn(2, 5, 8), weights=torch.ones(2, 5).index_fill(1, torch.tensor([2]), bad))
 
 
 def test_the_tuner_measures_every_lowering_the_layer_admits_and_keeps_its_budget() -> None:
