@@ -155,9 +155,10 @@ class IntegralTransform(nn.Module):
         b = self.proj_b(u) if self.proj_b is not None else None
         if self.content:
             rho, gamma = self.proj_rho(u), self.proj_gamma(u)
-        else:
-            rho = self.rho_bias.expand(bsz, n, self.hidden)
-            gamma = u.new_zeros(bsz, n, self.hidden)
+        else:  # batch 1: the kernel of the coordinates is shared by the batch, its pairs evaluated once
+            rb = 1 if x.shape[0] == 1 else bsz
+            rho = self.rho_bias.expand(rb, n, self.hidden)
+            gamma = u.new_zeros(rb, n, self.hidden)
         v = self.value(u).reshape(bsz, n, self.heads, self.dim // self.heads).transpose(1, 2)
         y = self.kernel(a, b, rho, gamma, x, x, v, mu)
         y = self.out(y.transpose(1, 2).reshape(bsz, n, self.dim)) + self.skip(u)

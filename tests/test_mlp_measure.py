@@ -240,3 +240,33 @@ def test_the_tuner_measures_every_lowering_the_layer_admits_and_keeps_its_budget
     want = model(*held)
     got = itc.build(prog, plan=plan.layers)(*held)
     assert ((got - want).norm() / want.norm()).item() <= 0.05
+
+
+LOWERINGS = {"dense": mlp_dense, "fused": lambda *a, **k: mlp_fused(*a, **k, block_q=4, block_k=5),
+             "montecarlo": lambda *a, **k: mlp_montecarlo(*a, **k, samples=6, seed=3),
+             "nystrom": lambda *a, **k: mlp_lowrank(*a, **k, method="nystrom", rank=5),
+             "learned": lambda *a, **k: mlp_lowrank(*a, **k, method="learned", rank=4, steps=5, calib=16,
+                                                    layer="shared-batch-test")}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(LOWERINGS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_kernel_shared_by_the_batch_gives_what_its_per_entry_copies_give(name, causal) -> None:
+    """ρ, γ and the coordinates of batch 1 (a position-only kernel) against the same tensors expanded to the batch:
+    values and gradients, every torch lowering (the sampled and fitted ones with the same seeds)."""
+    tensors, params = _inputs(n=12, m=12, batch=3)
+    a, b, rho, gamma, xq, xk, v = tensors
+    shared = [None, None, rho[:1], gamma[:1], xq[:1], xk[:1], v]
+    copies = [None, None, *(t[:1].expand(3, *t.shape[1:]) for t in (rho, gamma, xq, xk)), v]
+    static = {"normalize": name != "nystrom", "causal": causal, "features": ("offset", "dist2", "fourier")}
+    fn = LOWERINGS[name]
+    outs = []
+    for ts in (shared, copies):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in ts]
+        out = fn(*leaves, None, *params, **static)
+        grads = torch.autograd.grad(out, [leaves[2], leaves[3]], torch.ones_like(out))
+        outs.append((out, [g if g.shape[0] == 1 else g.sum(0, keepdim=True) for g in grads]))
+    assert outs[0][0].shape == (3, 2, 12, 3)
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-9, atol=1e-10)
+    for g_shared, g_copies in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(g_shared, g_copies, rtol=1e-6, atol=1e-8)  # nystrom: pinv of other rounding

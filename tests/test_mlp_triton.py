@@ -266,3 +266,17 @@ def test_montecarlo_is_delegated_to_torch_without_a_fallback() -> None:
     mod = itc.build(itc.convert(model, (x,)), backend="triton", plan={"*": "montecarlo:samples=9"})
     out = mod(x)
     assert mod.fallbacks == {} and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_kernel_shared_by_the_batch_matches_dense_in_every_gradient(normalize) -> None:
+    """ρ, γ and coordinates of batch 1 (a position-only kernel, evaluated once for the batch: stride 0) against the
+    dense lowering on the same tensors; their gradients summed over the batch entries that read them."""
+    t = inputs(19, 19, 8, 2, NO_HADAMARD, 1, batch=3)
+    t["rho"], t["gamma"] = t["rho"][:1], t["gamma"][:1]
+    static = dict(normalize=normalize, causal=True, features=NO_HADAMARD)
+    got = run(mlp_fused, t, torch.float32, DEVICE, **static)
+    want = run(mlp_dense, t, torch.float64, **static)
+    assert got[1]["rho"].shape == (1, 19, 8) and got[0].shape == (3, 2, 19, 16)
+    err = errors(got, want, NO_HADAMARD)
+    assert max(err.values()) <= 1e-5, err

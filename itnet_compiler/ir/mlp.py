@@ -14,7 +14,8 @@ e^{K(i, j)} over the support S(i) (softmax weights, like attention; uniform and 
 y_i = Σ_{j∈S(i)} μ_j K(i, j) v_j. A row whose support holds no point of positive weight gives 0.
 
 Input layout (fixed by ``itnet_compiler.nn.IntegralTransform``, relied upon by every backend): ``a``, ``rho``
-[B, N, H_d] and ``b``, ``gamma`` [B, M, H_d] (``a`` and ``b`` absent without the Hadamard feature); ``xq`` [B|1, N, d_x]
+[B|1, N, H_d] and ``b``, ``gamma`` [B|1, M, H_d] (batch 1: one kernel shared by the batch, as a kernel of the
+coordinates alone is) (``a`` and ``b`` absent without the Hadamard feature); ``xq`` [B|1, N, d_x]
 and ``xk`` [B|1, M, d_x]; ``v`` [B, heads, M, d_v]; ``mu`` [B|1, M] (importance measure only); the kernel's own
 parameters ``w_off`` [H_d, d_x], ``w_dist`` [H_d], ``omega`` [H_d, d_x], ``beta`` [H_d], ``alpha`` [H_d], ``w_out``
 [heads, H_d], ``b_out`` [heads]. Output [B, heads, N, d_v]. ``causal`` support (sequences) keeps j ≤ i.

@@ -112,7 +112,7 @@ class MlpKernel:
                                 g_[:, sel], self.xq[:, rows], x_[:, sel], *params, self.feature_set)  # fmt: skip
                 out.append(k[:, 0])  # [B, r, M]
             else:
-                k = _pointwise(self, rows, b_, g_, x_, sel, r, m, params)
+                k = _pointwise(self, rows, b_, g_, x_, sel, r, m, params, batch)
                 out.append(k)
         k = torch.stack(out, 1)
         w = self.column_weights()
@@ -138,9 +138,8 @@ class MlpKernel:
         )
 
 
-def _pointwise(kernel: MlpKernel, rows, b_, g_, x_, sel, r, m, params) -> torch.Tensor:
-    """K at per-row gathered columns: [B, r, M] for one head."""
-    bsz = kernel.rho.shape[0]
+def _pointwise(kernel: MlpKernel, rows, b_, g_, x_, sel, r, m, params, bsz: int) -> torch.Tensor:
+    """K at per-row gathered columns: [B, r, M] for one head (ρ, a of batch 1 broadcast over the draws' batch)."""
     g = g_[:, sel].reshape(bsz, r, m, -1)
     z = kernel.rho[:, rows, None, :] + g
     if "hadamard" in kernel.feature_set:

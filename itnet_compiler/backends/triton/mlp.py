@@ -81,8 +81,10 @@ def _unit_args(a, b, rho, gamma, xq, xk, params) -> list[object]:
     w_off, w_dist, omega, beta, alpha = params[:5]
     sq = 0 if xq.shape[0] == 1 else xq.stride(0)
     sk = 0 if xk.shape[0] == 1 else xk.stride(0)
+    sr = 0 if rho.shape[0] == 1 else rho.stride(0)  # batch 1: one kernel shared by the batch
+    sg = 0 if gamma.shape[0] == 1 else gamma.stride(0)
     pointers = [rho if a is None else a, gamma if b is None else b, rho, gamma, xq, xk, w_off, w_dist, omega, beta]
-    strides = [rho.stride(0), rho.stride(1), gamma.stride(0), gamma.stride(1), sq, xq.stride(1), sk, xk.stride(1)]
+    strides = [sr, rho.stride(1), sg, gamma.stride(1), sq, xq.stride(1), sk, xk.stride(1)]
     return [*pointers, alpha, *strides]
 
 
@@ -186,6 +188,8 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
     out = []
     for i, (name, g) in enumerate(grads.items()):
         need = ctx.needs_input_grad[i + 1]
+        if g is not None and like[name] is not None and g.dim() == like[name].dim() and g.shape != like[name].shape:
+            g = g.sum(0, keepdim=True)  # a per-point input of batch 1, read by every batch entry's programs
         out.append(g.to(like[name].dtype) if need and g is not None else None)
     return tuple(out)
 
