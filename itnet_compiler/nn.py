@@ -136,8 +136,13 @@ class IntegralTransform(nn.Module):
         computed); ``weights`` [B, N] non-negative quadrature weights μ_j, used as given (times the mask)."""
         shape = u.shape
         if self.domain == "points":
-            if coords is None or coords.shape[:2] != u.shape[:2]:
-                raise ItnetError("IntegralTransform: a point-set domain takes coords [batch, points, coord_dim]")
+            if (
+                coords is None
+                or coords.dim() != 3
+                or coords.shape[1] != u.shape[1]
+                or coords.shape[0] not in (1, u.shape[0])
+            ):
+                raise ItnetError("IntegralTransform: a point-set domain takes coords [batch or 1, points, coord_dim]")
             x = coords.to(u.dtype)
         else:
             if coords is not None:

@@ -270,3 +270,14 @@ def test_a_kernel_shared_by_the_batch_gives_what_its_per_entry_copies_give(name,
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-9, atol=1e-10)
     for g_shared, g_copies in zip(outs[0][1], outs[1][1], strict=True):
         torch.testing.assert_close(g_shared, g_copies, rtol=1e-6, atol=1e-8)  # nystrom: pinv of other rounding
+
+
+def test_point_coordinates_shared_by_the_batch() -> None:
+    """coords [1, N, d] (one point layout for every entry) equals the same coordinates repeated per entry."""
+    torch.manual_seed(0)
+    layer = IntegralTransform(8, heads=2, hidden=8, domain="points", coord_dim=2, content=False,
+                              features=("offset", "fourier"))  # fmt: skip
+    u, x = torch.randn(3, 7, 8), torch.rand(1, 7, 2)
+    torch.testing.assert_close(layer(u, x), layer(u, x.expand(3, 7, 2)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(itc.ItnetError, match="takes coords"):
+        layer(u, torch.rand(2, 7, 2))
