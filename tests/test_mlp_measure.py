@@ -11,6 +11,7 @@ import torch
 import itnet_compiler as itc
 from itnet_compiler.backends.torch.mlp import mlp_dense, mlp_fused, mlp_montecarlo
 from itnet_compiler.backends.torch.mlp_lowrank import mlp_lowrank
+from itnet_compiler.backends.torch.runtime import RuntimeState
 from itnet_compiler.nn import IntegralTransform
 
 ALL = ("hadamard", "offset", "dist2", "fourier")
@@ -281,3 +282,37 @@ def test_point_coordinates_shared_by_the_batch() -> None:
     torch.testing.assert_close(layer(u, x), layer(u, x.expand(3, 7, 2)), rtol=1e-6, atol=1e-6)
     with pytest.raises(itc.ItnetError, match="takes coords"):
         layer(u, torch.rand(2, 7, 2))
+
+
+APPROX = {"montecarlo": dict(fn=mlp_montecarlo, samples=5, proposal="uniform", seed=2),
+          "nystrom": dict(fn=mlp_lowrank, method="nystrom", rank=3),
+          "learned": dict(fn=mlp_lowrank, method="learned", rank=3, steps=5, calib=8, layer="gradcheck")}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(APPROX))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_of_the_approximate_lowerings_with_weights(name, normalize) -> None:
+    """The approximations are differentiable functions of every input (draws and fits fixed by their seeds), the
+    point weights included; at full rank nystrom's gradients are dense's."""
+    tensors, params = _inputs(n=6, m=6, hidden=3, dv=2, batch=1)
+    mu = torch.rand(1, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.2
+    opts = dict(APPROX[name])
+    fn = opts.pop("fn")
+    static = {"normalize": normalize, "causal": False, "features": ALL, "measure": "importance"}
+    leaves = [tensors[2], tensors[3], tensors[6], mu, params[5]]
+
+    def f(rho, gamma, v, w, w_out):
+        ts = [tensors[0], tensors[1], rho, gamma, tensors[4], tensors[5], v]
+        return fn(*ts, w, *params[:5], w_out, params[6], **static, **opts)
+
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    with RuntimeState():  # the learned features are fitted once (as a built module keeps them), then held fixed
+        assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5)
+    if name == "nystrom":
+        full = dict(opts, rank=6)
+        got = torch.autograd.grad(fn(*tensors[:2], *leaves[:2], *tensors[4:6], leaves[2], leaves[3], *params[:5],
+                                     leaves[4], params[6], **static, **full).sum(), leaves)  # fmt: skip
+        want = torch.autograd.grad(mlp_dense(*tensors[:2], *leaves[:2], *tensors[4:6], leaves[2], leaves[3],
+                                             *params[:5], leaves[4], params[6], **static).sum(), leaves)  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
