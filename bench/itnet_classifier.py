@@ -17,9 +17,9 @@ Models (parameter counts within ±20 % of each other; the table prints them):
   coordinates (row, column) passed in), the points shuffled in a fresh random order in every batch (the model never
   sees a raster order). Same coordinates, same function as ``itnet-grid``: the layer is permutation-equivariant and
   the pool invariant, so the two train alike up to rounding.
-* ``itnet-sparse``: only the non-zero pixels as points (16 to 42 per image), padded to 42 with zero-feature points
-  at (−8, −8). The layer has no padding mask, so the padding points enter every softmax (and the uniform measure);
-  the classifier's mean pool skips them.
+* ``itnet-sparse``: only the non-zero pixels as points (16 to 42 per image), padded to 42; the padding mask goes to
+  the layer (``forward(u, coords, mask=keep)``), so the padding points are outside every softmax, and the
+  classifier's mean pool skips them too. The positions of the zero pixels are not given to the model.
 * ``cnn``: Conv(1→16, 3×3) → Conv(16→32, 3×3) → max-pool 2 → Conv(32→64, 3×3) → global average pool → Linear(64, 10),
   ReLU between.
 * ``transformer``: Linear(1, 32) pixel embedding + learned positional embedding (64 × 32), two
@@ -27,11 +27,13 @@ Models (parameter counts within ±20 % of each other; the table prints them):
 
 Writes ``bench/results/itnet_classifier.json`` and ``docs/itnet_classifier_curves.png`` (test accuracy and training
 loss per epoch); with ``--epochs N`` other than 30, ``itnet_classifier.eN.json`` and ``itnet_classifier_eN_curves.png``.
+An ``--only`` run replaces the rows of the models it ran and keeps the others (each row records its threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import ROOT, write_result  # noqa: E402
+from _common import RESULTS, ROOT, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from itnet_compiler.nn import IntegralTransform  # noqa: E402
@@ -70,9 +72,9 @@ class Block(nn.Module):
         self.n1, self.n2, self.mixer = nn.LayerNorm(dim), nn.LayerNorm(dim), mixer
         self.mlp = nn.Sequential(nn.Linear(dim, ff), nn.GELU(), nn.Linear(ff, dim))
 
-    def forward(self, u, coords=None):
+    def forward(self, u, coords=None, mask=None):
         h = self.n1(u)
-        u = u + (self.mixer(h) if coords is None else self.mixer(h, coords))
+        u = u + (self.mixer(h) if coords is None else self.mixer(h, coords, mask=mask))
         return u + self.mlp(self.n2(u))
 
 
@@ -109,13 +111,17 @@ class ITNetClassifier(nn.Module):
                 vals, coords = vals.gather(1, perm), coords.gather(1, perm[..., None].expand(b, 64, 2))
             u = self.embed(vals[..., None])  # [B, 64, dim]
         for blk in self.blocks:
-            u = blk(u, coords)
+            u = blk(u, coords, keep)
         u = u.reshape(u.shape[0], -1, u.shape[-1])
-        pooled = u.mean(1) if keep is None else (u * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+        if keep is None:
+            pooled = u.mean(1)
+        else:
+            w = keep.to(u.dtype)[..., None]
+            pooled = (u * w).sum(1) / w.sum(1)
         return self.head(self.norm(pooled))
 
     def sparse_points(self, img: torch.Tensor):
-        """The non-zero pixels as points, padded to ``PAD`` with zero-feature points at (−8, −8) (no mask exists)."""
+        """The non-zero pixels as points, padded to ``PAD``; ``keep`` [B, PAD] bool is the layer's padding mask."""
         b = img.shape[0]
         vals = img.reshape(b, 64)
         r, c = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
@@ -123,10 +129,8 @@ class ITNetClassifier(nn.Module):
         keep = vals > 0
         score = keep.float() + (torch.rand(b, 64) if self.training else 0.0) * 0.5  # kept first, in random order
         order = score.argsort(1, descending=True)[:, :PAD]
-        keep = keep.gather(1, order).float()
-        coords = torch.where(keep[..., None] > 0, grid[order], torch.full((1, 1, 2), -8.0))
-        u = self.embed(vals.gather(1, order)[..., None]) * keep[..., None]
-        return u, coords, keep
+        # a padding point (a zero pixel) keeps its own coordinates and value: the mask takes it out of the measure
+        return self.embed(vals.gather(1, order)[..., None]), grid[order], keep.gather(1, order)
 
 
 class CNN(nn.Module):
@@ -199,7 +203,7 @@ def train(name: str, data, epochs: int, batch: int = 64, lr: float = 3e-3, seed:
         curve.append({"epoch": epoch, "train_loss": total / len(xtr), "test_acc": accuracy(model, xte, yte)})
     return {"model": name, "params": params, "test_accuracy": curve[-1]["test_acc"],
             "best_test_accuracy": max(c["test_acc"] for c in curve), "train_accuracy": accuracy(model, xtr, ytr),
-            "train_seconds": round(seconds, 1), "curve": curve}  # fmt: skip
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "curve": curve}  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -250,9 +254,19 @@ def main() -> None:
     total = time.perf_counter() - t_all
     print(f"total {total:.1f} s ({args.threads} torch threads)")
     name = "itnet_classifier" if args.epochs == 30 else f"itnet_classifier.e{args.epochs}"
+    prev = RESULTS / f"{name}.json"
+    if prev.exists():  # an --only run replaces its models' rows and keeps the others
+        old = json.loads(prev.read_text())
+        kept = [r for r in old.get("rows", []) if r["model"] not in names]
+        for r in kept:  # rows written before rows recorded their threads
+            r.setdefault("threads", old.get("threads"))
+        rows = kept + rows
+    order = list(MODELS)
+    rows.sort(key=lambda r: order.index(r["model"]))
     path = write_result(name, {"epochs": args.epochs, "batch": 64, "optimizer": "AdamW lr 3e-3 wd 1e-2",
-                                             "split": "stratified 80/20, random_state=0", "threads": args.threads,
-                                             "seconds": round(total, 1), "rows": rows}, quick=False)  # fmt: skip
+                               "split": "stratified 80/20, random_state=0", "threads": args.threads,
+                               "seconds_this_run": round(total, 1), "models_this_run": names, "rows": rows},
+                        quick=False)  # fmt: skip
     DOCS.mkdir(exist_ok=True)
     plot(rows, DOCS / f"{name.replace('.', '_')}_curves.png")
     print(f"wrote {path.relative_to(ROOT)}")

@@ -14,16 +14,18 @@ kernel of the offset alone can reach.
 
 Variants (several per target; ``--quick`` runs the first of each with fewer steps and draws no plots):
 
-* ``conv``: ``lift40`` (lift to width 40 = 5 heads × 8 channels, the uniform measure 1/M of ``normalize=False``),
-  ``width8`` (no lift: one head's kernel is a scalar function of the offset times a rank dim/heads channel map, so
-  a dim-wide layer cannot hold a generic 5-tap channel-mixing convolution), ``lift40-counting`` (as lift40 with
-  the counting measure Σ_j instead of (1/M) Σ_j — a forward hook on the kernel core, its output layer scaled by
-  1/32 at init so that it starts from the same operator — the only variant whose kernel means the same operator at
-  another length).
+* ``conv``, all three with a position-only kernel (``content=False``, features offset, dist2, fourier: a
+  translation-invariant operator): ``lift40`` (lift to width 40 = 5 heads × 8 channels, the uniform measure 1/M of
+  ``normalize=False``), ``width8`` (no lift: one head's kernel is a scalar function of the offset times a rank
+  dim/heads channel map, so a dim-wide layer cannot hold a generic 5-tap channel-mixing convolution),
+  ``lift40-counting`` (as lift40 with ``measure="counting"``, Σ_j instead of (1/M) Σ_j, the kernel's output layer
+  scaled by 1/32 at init so that it starts from the operator lift40 starts from — the only variant whose kernel
+  means the same operator at another length).
 * ``attention``: the layer as is (``normalize=True``, all four pair features, heads = the target's heads).
 * ``s4d``: ``positional`` (heads = dim, one channel per head, causal support, uniform measure, coordinates scaled to
-  [0, 1) and the ρ/γ projections' weights frozen at zero, so that the kernel is a function of the offset alone),
-  ``content`` (the same with ρ/γ trainable from zero: the layer as shipped).
+  [0, 1), ``content=False``: the kernel is a function of the offset alone), ``content`` (the same features with
+  ``content=True``, the default: ρ = C u + c and γ = D u at their default init and trained, so the kernel also
+  depends on the input).
 * ``gru``: lift to width 32, causal, uniform measure, all pair features (a single integral transform is linear in
   its values; a GRU is not).
 
@@ -55,6 +57,7 @@ from itnet_compiler.nn import IntegralTransform  # noqa: E402
 
 DOCS = ROOT / "docs"
 POSITIONAL = ("offset", "dist2", "fourier")
+LTI = dict(features=POSITIONAL, content=False)  # a kernel of the offset alone: a translation-invariant operator
 
 
 # ----------------------------------------------------------------------------------------------------------- targets
@@ -147,26 +150,18 @@ def make_gru(dim: int, seed: int = 4) -> tuple[Callable, dict]:
 class OperatorNet(nn.Module):
     """[lift dim → width] → IntegralTransform(width) → [read-out width → dim]; lift and read-out only if width ≠ dim.
 
-    ``positional``: the ρ/γ projections' weights are zeroed and frozen (their biases stay), so without the Hadamard
-    feature the kernel depends on the offset alone (the layer has no such switch of its own). ``counting`` = c > 0: the
-    kernel core's output is multiplied by M (the counting measure Σ_j rather than the uniform (1/M) Σ_j of
-    normalize=False) and its output layer by 1/c at init (c = the training length: the same operator at the start).
+    ``kernel_scale``: the kernel MLP's output layer ``w_out`` is multiplied by it at init (``b_out`` starts at zero,
+    so K is). With ``measure="counting"`` and kernel_scale = 1/N, N the training length, the layer starts from the
+    operator the uniform measure starts from at N; unscaled, it starts N times larger and Adam fits it worse.
     """
 
-    def __init__(self, dim: int, width: int, *, positional: bool = False, counting: int = 0, **layer):
+    def __init__(self, dim: int, width: int, *, kernel_scale: float = 1.0, **layer):
         super().__init__()
         self.lift = nn.Linear(dim, width) if width != dim else nn.Identity()
         self.it = IntegralTransform(width, **layer)
         self.read = nn.Linear(width, dim) if width != dim else nn.Identity()
-        if positional:
-            for proj in (self.it.proj_rho, self.it.proj_gamma):
-                with torch.no_grad():
-                    proj.weight.zero_()
-                proj.weight.requires_grad_(False)
-        if counting:
-            self.it.kernel.register_forward_hook(lambda mod, inputs, out: out * inputs[3].shape[1])
-            with torch.no_grad():  # start from the same operator as the uniform measure at the training length
-                self.it.kernel.w_out.mul_(1 / counting)
+        with torch.no_grad():
+            self.it.kernel.w_out.mul_(kernel_scale)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.read(self.it(self.lift(u)))
@@ -182,8 +177,7 @@ class Variant:
     width: int
     layer: dict
     batch: int = 32
-    positional: bool = False
-    counting: int = 0  # the counting measure, the kernel's output layer scaled by 1/counting at init
+    kernel_scale: float = 1.0  # the kernel's output layer times this at init (1/N with the counting measure)
     quick: int = 0  # steps under --quick (0: the variant does not run under --quick)
     extra: dict = field(default_factory=dict)
 
@@ -191,16 +185,14 @@ class Variant:
 def variants(dim: int) -> list[Variant]:
     n_s4d = 64
     return [
-        Variant("conv", "lift40", 32, 1500, 3e-3, 40, dict(heads=5, hidden=32, features=POSITIONAL, normalize=False),
-                positional=True, quick=1000),
-        Variant("conv", "width8", 32, 1500, 3e-3, dim, dict(heads=4, hidden=32, features=POSITIONAL, normalize=False),
-                positional=True),
+        Variant("conv", "lift40", 32, 1500, 3e-3, 40, dict(heads=5, hidden=32, normalize=False, **LTI), quick=1000),
+        Variant("conv", "width8", 32, 1500, 3e-3, dim, dict(heads=4, hidden=32, normalize=False, **LTI)),
         Variant("conv", "lift40-counting", 32, 1500, 3e-3, 40,
-                dict(heads=5, hidden=32, features=POSITIONAL, normalize=False), positional=True, counting=32),
+                dict(heads=5, hidden=32, normalize=False, measure="counting", **LTI), kernel_scale=1 / 32),
         Variant("attention", "default", 32, 3000, 3e-3, dim, dict(heads=2, hidden=32, normalize=True), quick=1000),
         Variant("s4d", "positional", n_s4d, 2000, 3e-2, dim,
-                dict(heads=dim, hidden=64, features=POSITIONAL, normalize=False, support="causal",
-                     coord_scale=1 / n_s4d, fourier_scale=1 / n_s4d), batch=16, positional=True, quick=700),
+                dict(heads=dim, hidden=64, normalize=False, support="causal", coord_scale=1 / n_s4d,
+                     fourier_scale=1 / n_s4d, **LTI), batch=16, quick=700),
         Variant("s4d", "content", n_s4d, 1000, 3e-2, dim,
                 dict(heads=dim, hidden=64, features=POSITIONAL, normalize=False, support="causal",
                      coord_scale=1 / n_s4d, fourier_scale=1 / n_s4d), batch=16),
@@ -232,8 +224,8 @@ def fit(v: Variant, dim: int, steps: int, log_every: int) -> tuple[dict, nn.Modu
         u_long = torch.randn(128, 2 * n, dim, generator=torch.Generator().manual_seed(1001))
         y_long = target(u_long)
     torch.manual_seed(0)
-    model = OperatorNet(dim, v.width, positional=v.positional, counting=v.counting, lowering="dense", **v.layer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    model = OperatorNet(dim, v.width, kernel_scale=v.kernel_scale, lowering="dense", **v.layer)
+    params = list(model.parameters())
     opt = torch.optim.Adam(params, v.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, v.lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
@@ -264,8 +256,9 @@ def fit(v: Variant, dim: int, steps: int, log_every: int) -> tuple[dict, nn.Modu
         "target": v.target, "variant": v.name, "held_out_rel_error": held, "rel_error_at_2x_length": long,
         "best_lti_rel_error": lti,
         "steps": steps, "train_seconds": round(train_s, 1), "params": sum(p.numel() for p in params),
-        "dim": dim, "length": n, "width": v.width, "batch": v.batch, "lr": v.lr, "positional": v.positional,
-        "counting_measure": bool(v.counting),
+        "dim": dim, "length": n, "width": v.width, "batch": v.batch, "lr": v.lr,
+        "content": v.layer.get("content", True), "measure": v.layer.get("measure", "uniform"),
+        "kernel_scale": v.kernel_scale,
         "layer": {k: list(x) if isinstance(x, tuple) else x for k, x in v.layer.items()},
         "target_info": info, "output_scale": scale, "curve": curve,
     }  # fmt: skip
