@@ -72,7 +72,11 @@ class MlpKernel:
             return k if mu is None else k + log_weights(mu)
         if mu is not None:
             return k * mu
-        return k / self.cols if self.measure == "uniform" else k
+        return k * self.point_weight()
+
+    def point_weight(self) -> float:
+        """μ_j of the uniform (1/M) or counting (1) measure."""
+        return 1.0 / self.cols if self.measure == "uniform" else 1.0
 
     def block(self, rows: Index, cols: Index, *, measure: bool = True) -> torch.Tensor:
         k = pair_logits(self._rows(self.a, rows), self._rows(self.b, cols), self.rho[:, rows], self.gamma[:, cols],

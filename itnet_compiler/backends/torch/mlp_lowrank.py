@@ -71,7 +71,7 @@ class MlpFeatures:
             return stabilised(lq, lk if w is None else lk + log_weights(w)[..., None], exact_units=True)
         scale = torch.zeros(lq.shape[:-1], dtype=lq.dtype, device=lq.device)
         if w is None:
-            return Factors(lq, lk / kernel.cols if kernel.measure == "uniform" else lk, scale)
+            return Factors(lq, lk * kernel.point_weight(), scale)
         return Factors(lq, lk * w[..., None], scale)
 
 

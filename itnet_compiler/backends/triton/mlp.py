@@ -164,10 +164,6 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
     if "fourier" in feats:
         dxq = dxq + rphi @ omega.to(rphi.dtype)
         dxk = dxk - cphi @ omega.to(cphi.dtype)
-    if xq.shape[0] == 1:
-        dxq = dxq.sum(0, keepdim=True)
-    if xk.shape[0] == 1:
-        dxk = dxk.sum(0, keepdim=True)
     sums = pv.sum(0)
     per_head = pv[:, 2:].view(bsz, heads, tiles, 2, -1).sum((0, 2))
     has = {"offset": "offset" in feats, "dist2": "dist2" in feats, "fourier": "fourier" in feats}
@@ -175,7 +171,7 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
         "a": da if a is not None else None, "b": db if b is not None else None, "rho": dr, "gamma": dg,
         "xq": dxq if has["offset"] or has["dist2"] or has["fourier"] else None,
         "xk": dxk if has["offset"] or has["dist2"] or has["fourier"] else None, "v": dvb,
-        "mu": None if mu is None else dmu.sum(0, keepdim=True) if mu.shape[0] == 1 else dmu,
+        "mu": None if mu is None else dmu,
         "w_off": pm[:, 0].sum(0)[:hd, :dx] if has["offset"] else None,
         "w_dist": sums[0, :hd] if has["dist2"] else None,
         "omega": pm[:, 1].sum(0)[:hd, :dx] if has["fourier"] else None,
@@ -189,7 +185,7 @@ def _assemble(ctx, cfg: _Config, bufs, tiles: int) -> tuple:
     for i, (name, g) in enumerate(grads.items()):
         need = ctx.needs_input_grad[i + 1]
         if g is not None and like[name] is not None and g.dim() == like[name].dim() and g.shape != like[name].shape:
-            g = g.sum(0, keepdim=True)  # a per-point input of batch 1, read by every batch entry's programs
+            g = g.sum(0, keepdim=True)  # a per-point input of batch 1 (ρ, γ, coordinates, μ), read by every entry
         out.append(g.to(like[name].dtype) if need and g is not None else None)
     return tuple(out)
 
